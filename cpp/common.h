@@ -1,0 +1,203 @@
+// Shared helpers for the jaxsparse CPU kernels: element types, validation of sparse
+// structure, and a parallel loop on XLA's intra-op thread pool.
+#ifndef JAXSPARSE_COMMON_H_
+#define JAXSPARSE_COMMON_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxsparse {
+
+namespace ffi = xla::ffi;
+
+// ---------------------------------------------------------------------------
+// Element types. Half types are stored as 16-bit patterns and accumulate in float.
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float ToFloat(bf16_t x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline bf16_t FromFloat(float f, bf16_t) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bf16_t{static_cast<uint16_t>(u >> 16)};
+}
+
+inline float ToFloat(f16_t x) {
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  uint32_t exp = (x.bits >> 10) & 0x1fu;
+  uint32_t mant = x.bits & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { mant <<= 1; ++e; } while ((mant & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline f16_t FromFloat(float f, f16_t) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return f16_t{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (abs >= 0x477ff000u) return f16_t{static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
+  if (abs < 0x38800000u) {  // subnormal or zero in half
+    const uint32_t shift = 113 - (abs >> 23);
+    if (shift > 24) return f16_t{sign};
+    uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    uint32_t half = mant >> (shift + 13);
+    const uint32_t rem = mant & ((1u << (shift + 13)) - 1);
+    const uint32_t mid = 1u << (shift + 12);
+    if (rem > mid || (rem == mid && (half & 1u))) ++half;
+    return f16_t{static_cast<uint16_t>(sign | half)};
+  }
+  uint32_t h = ((abs - 0x38000000u) >> 13);
+  const uint32_t rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return f16_t{static_cast<uint16_t>(sign | h)};
+}
+
+inline float ToFloat(float x) { return x; }
+inline double ToFloat(double x) { return x; }
+inline float FromFloat(float x, float) { return x; }
+inline double FromFloat(double x, double) { return x; }
+
+// Accumulator type: double for double, float for everything else.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Calls fn(T{}) with the C++ element type matching `dtype`; returns false for other types.
+template <typename Fn>
+bool DispatchFloat(ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F32: fn(float{}); return true;
+    case ffi::DataType::F64: fn(double{}); return true;
+    case ffi::DataType::BF16: fn(bf16_t{}); return true;
+    case ffi::DataType::F16: fn(f16_t{}); return true;
+    default: return false;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Validation. Every kernel checks the structure it is given in O(nnz + rows) before it reads
+// through it, so malformed indices become an error, never an out-of-bounds access.
+
+// indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz; every index in
+// [0, n_cols).
+inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const int32_t* indices,
+                                     int64_t nnz, int64_t n_cols, const char* what) {
+  if (indptr[0] != 0) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": indptr[0] must be 0, got " +
+                                       std::to_string(indptr[0]));
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    if (indptr[i + 1] < indptr[i]) {
+      return ffi::Error::InvalidArgument(
+          std::string(what) + ": indptr must be non-decreasing, but indptr[" +
+          std::to_string(i + 1) + "]=" + std::to_string(indptr[i + 1]) + " < indptr[" +
+          std::to_string(i) + "]=" + std::to_string(indptr[i]));
+    }
+  }
+  if (indptr[rows] != nnz) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": indptr[-1] must equal nnz=" +
+                                       std::to_string(nnz) + ", got " +
+                                       std::to_string(indptr[rows]));
+  }
+  for (int64_t p = 0; p < nnz; ++p) {
+    if (indices[p] < 0 || indices[p] >= n_cols) {
+      return ffi::Error::InvalidArgument(
+          std::string(what) + ": indices[" + std::to_string(p) + "]=" +
+          std::to_string(indices[p]) + " is out of range [0, " + std::to_string(n_cols) + ")");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Parallel loop on XLA's intra-op thread pool.
+//
+// Runs fn(task) for task in [0, n_tasks). The calling thread takes part, claiming tasks from a
+// shared counter like the pool threads do, so the loop finishes even when no pool thread is free
+// (no deadlock when called from inside the pool). Helpers that start after every task has been
+// claimed return at once; the shared state outlives the call through the shared_ptr they hold.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
+  if (n_tasks <= 0) return;
+  const int64_t n_threads = pool.num_threads();
+  if (n_tasks == 1 || n_threads <= 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const Fn* fn_ptr = &fn;
+  auto drain = [state, fn_ptr, n_tasks]() {
+    int64_t t;
+    while ((t = state->next.fetch_add(1)) < n_tasks) {
+      (*fn_ptr)(t);
+      if (state->done.fetch_add(1) + 1 == n_tasks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(n_threads, n_tasks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(drain)(drain));
+  drain();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n_tasks; });
+}
+
+// Splits the rows of a compressed matrix into at most `max_parts` contiguous ranges holding
+// roughly equal work (nonzeros plus one per row, so empty rows still cost something). part_begin
+// must have room for max_parts + 1 entries; returns the number of parts.
+inline int64_t BalanceRows(const int32_t* indptr, int64_t rows, int64_t max_parts,
+                           int64_t* part_begin) {
+  const int64_t total = static_cast<int64_t>(indptr[rows]) + rows;
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(max_parts, rows));
+  part_begin[0] = 0;
+  int64_t row = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = total * p / parts;
+    while (row < rows && static_cast<int64_t>(indptr[row]) + row < target) ++row;
+    part_begin[p] = row;
+  }
+  part_begin[parts] = rows;
+  return parts;
+}
+
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_COMMON_H_

@@ -1,0 +1,14 @@
+// FFI handler symbols exported by the jaxsparse CPU kernels.
+#ifndef JAXSPARSE_KERNELS_H_
+#define JAXSPARSE_KERNELS_H_
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxsparse {
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kCsrSpmm);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kCsrSddmm);
+
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_KERNELS_H_

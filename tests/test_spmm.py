@@ -1,0 +1,237 @@
+"""SpMM (``jaxsparse.matmul`` / ``spmm_p``) against float64 dense results.
+
+``SpmmTestBase`` holds every case; each backend reruns all of them through a one-line subclass.
+A case the chosen backend has no kernel for skips (``NotImplementedError`` from the lowering).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxsparse
+from sparse_testing import (DTYPES, FORMATS, assert_close, build, dlmc_files, random_sparse,
+                            rounded)
+
+SHAPES = [(1, 1, 1), (7, 96, 40), (16, 32, 8), (12, 8, 1)]
+FORMS = ("A@X", "X@A", "x@W.T", "A.T@X")
+
+
+def _operands(rng, form, shape, density, fmt, dtype):
+    """(sparse operand, dense operand, float64 expected) for one product form."""
+    m, k, n = shape
+    if form in ("A@X", "X@A"):
+        a, a64 = random_sparse(rng, (m, k), density, fmt, dtype)
+    else:  # stored transposed: the logical matrix is [m, k], stored as [k, m]
+        a, a64 = random_sparse(rng, (k, m), density, fmt, dtype)
+        a, a64 = a.T, a64.T
+    if form in ("A@X", "A.T@X"):
+        x, x64 = rounded(rng.standard_normal((k, n)), dtype)
+        return a, x, a64 @ x64
+    x, x64 = rounded(rng.standard_normal((n, m)), dtype)
+    return a, x, x64 @ a64
+
+
+class SpmmTestBase:
+    backend = "reference"
+
+    def call(self, fn, *args):
+        try:
+            return fn(*args)
+        except NotImplementedError as e:
+            pytest.skip(f"backend {self.backend!r}: {e}")
+
+    def matmul(self, a, b):
+        return jaxsparse.matmul(a, b, backend=self.backend)
+
+    def product(self, form, a, x):
+        return self.matmul(a, x) if form in ("A@X", "A.T@X") else self.matmul(x, a)
+
+    @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("shape", SHAPES, ids=str)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_forms(self, rng, fmt, shape, form, jit):
+        a, x, expected = _operands(rng, form, shape, 0.3, fmt, jnp.float64)
+        fn = functools.partial(self.product, form)
+        if jit:
+            fn = jax.jit(fn)
+        assert_close(self.call(fn, a, x), expected, jnp.float64)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_dtypes(self, rng, fmt, form, dtype):
+        a, x, expected = _operands(rng, form, (24, 64, 16), 0.2, fmt, dtype)
+        out = self.call(jax.jit(functools.partial(self.product, form)), a, x)
+        assert out.dtype == dtype
+        assert_close(out, expected, dtype)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    @pytest.mark.parametrize("case", ["empty_rows", "nnz0", "dense"])
+    def test_structure_edge_cases(self, rng, fmt, case):
+        dense = rng.standard_normal((16, 24))
+        if case == "empty_rows":
+            dense[::3] = 0
+            dense[:, ::5] = 0
+        elif case == "nnz0":
+            dense[:] = 0
+        from sparse_testing import sparsify_dense
+        dense = sparsify_dense(dense, fmt)
+        a = build(dense, fmt, jnp.float64)
+        x = rng.standard_normal((24, 5))
+        y = rng.standard_normal((3, 16))
+        assert_close(self.call(jax.jit(self.matmul), a, x), dense @ x, jnp.float64)
+        assert_close(self.call(jax.jit(self.matmul), y, a), y @ dense, jnp.float64)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_vector_and_batch_operands(self, rng, fmt):
+        a, a64 = random_sparse(rng, (8, 12), 0.4, fmt, jnp.float64)
+        v = rng.standard_normal(12)
+        assert_close(self.call(self.matmul, a, v), a64 @ v, jnp.float64)
+        u = rng.standard_normal(8)
+        assert_close(self.call(self.matmul, u, a), u @ a64, jnp.float64)
+        xb = rng.standard_normal((2, 3, 12, 5))
+        assert_close(self.call(self.matmul, a, xb), np.einsum("mk,abkn->abmn", a64, xb),
+                     jnp.float64)
+        yb = rng.standard_normal((2, 3, 8))
+        assert_close(self.call(self.matmul, yb, a), yb @ a64, jnp.float64)
+        # Operators, and the linear-layer layout on a weight stored [out, in].
+        assert_close(self.call(lambda: a @ v), a64 @ v, jnp.float64)
+        assert_close(self.call(lambda: u @ a), u @ a64, jnp.float64)  # NumPy defers to us
+        assert_close(self.call(lambda: jnp.asarray(u) @ a), u @ a64, jnp.float64)
+        xs = rng.standard_normal((4, 12))
+        assert_close(self.call(jax.jit(lambda w, x: x @ w.T), a, xs), xs @ a64.T, jnp.float64)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    @pytest.mark.parametrize("form", ["A@X", "x@W.T"])
+    def test_vmap_dense(self, rng, fmt, form):
+        a, _, _ = _operands(rng, form, (8, 12, 3), 0.4, fmt, jnp.float64)
+        a64 = np.asarray(a.todense())
+        if form == "A@X":
+            xs = rng.standard_normal((5, 12, 3))
+            fn = jax.vmap(self.matmul, in_axes=(None, 0))
+            expected = np.einsum("mk,bkn->bmn", a64, xs)
+        else:
+            xs = rng.standard_normal((5, 3, 8))
+            fn = jax.vmap(lambda w, x: self.matmul(x, w), in_axes=(None, 0))
+            expected = xs @ a64
+        assert_close(self.call(jax.jit(fn), a, xs), expected, jnp.float64)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_vmap_sparse_values(self, rng, fmt):
+        a, a64 = random_sparse(rng, (8, 12), 0.5, fmt, jnp.float64)
+        scales = rng.standard_normal(4)
+        batch = jnp.stack([a.values * s for s in scales])
+        x = rng.standard_normal((12, 3))
+        fn = jax.vmap(lambda d, x: self.matmul(a.with_values(d), x), in_axes=(0, None))
+        expected = np.stack([s * a64 @ x for s in scales])
+        assert_close(self.call(jax.jit(fn), batch, x), expected, jnp.float64)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_vmap_both(self, rng, fmt):
+        a, a64 = random_sparse(rng, (8, 12), 0.5, fmt, jnp.float64)
+        scales = rng.standard_normal(3)
+        batch = jnp.stack([a.values * s for s in scales])
+        xs = rng.standard_normal((3, 12, 2))
+        fn = jax.vmap(lambda d, x: self.matmul(a.with_values(d), x))
+        expected = np.stack([s * a64 @ x for s, x in zip(scales, xs)])
+        assert_close(self.call(fn, batch, xs), expected, jnp.float64)
+
+    @pytest.mark.parametrize("form", FORMS)
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_grads(self, rng, fmt, form):
+        a, x, _ = _operands(rng, form, (6, 8, 3), 0.5, fmt, jnp.float64)
+
+        def f(values, x):
+            return self.product(form, a.with_values(values), x)
+
+        self.call(check_grads, f, (a.values, x), 1, ("fwd", "rev"))
+        # Against the gradient of the dense product, masked to the pattern.
+        a64 = np.asarray(a.todense())
+        ct = rng.standard_normal(np.shape(self.call(f, a.values, x)))
+        dense_f = (lambda ad, x: ad @ x) if form in ("A@X", "A.T@X") else (lambda ad, x: x @ ad)
+        g_dense, gx_dense = jax.grad(lambda ad, x: jnp.sum(dense_f(ad, x) * ct), (0, 1))(
+            jnp.asarray(a64), x)
+        g_vals, gx = jax.grad(lambda v, x: jnp.sum(f(v, x) * ct), (0, 1))(a.values, x)
+        assert_close(gx, gx_dense, jnp.float64)
+        expected_vals = a.with_values(jnp.ones_like(a.values))
+        mask = np.asarray(expected_vals.todense()) != 0
+        assert_close(a.with_values(g_vals).todense(), np.where(mask, g_dense, 0), jnp.float64)
+
+    def test_dlmc_patterns(self, rng):
+        for path in dlmc_files():
+            a = jaxsparse.dlmc.load_smtx(path, dtype=np.float64)
+            x = rng.standard_normal((a.shape[1], 16))
+            expected = a.to_scipy() @ x
+            assert_close(self.call(jax.jit(self.matmul), a, x), expected, jnp.float64)
+            xt = rng.standard_normal((16, a.shape[1]))
+            assert_close(self.call(jax.jit(lambda w, x: self.matmul(x, w.T)), a, xt),
+                         (a.to_scipy() @ xt.T).T, jnp.float64)
+
+    def test_errors(self, rng):
+        a, _ = random_sparse(rng, (8, 12), 0.5, "csr", jnp.float32)
+        with pytest.raises(ValueError, match=r"contraction dimensions.*b.shape=\(11, 3\)"):
+            self.matmul(a, jnp.ones((11, 3), jnp.float32))
+        with pytest.raises(ValueError, match=r"contraction dimensions.*a.shape=\(3, 9\)"):
+            self.matmul(jnp.ones((3, 9), jnp.float32), a)
+        with pytest.raises(TypeError, match="exactly one operand"):
+            self.matmul(a, a)
+        with pytest.raises(TypeError, match="exactly one operand"):
+            self.matmul(jnp.ones((8, 12)), jnp.ones((12, 2)))
+        with pytest.raises(ValueError, match="unknown jaxsparse backend 'nope'"):
+            jaxsparse.matmul(a, jnp.ones((12, 2), jnp.float32), backend="nope")
+        with pytest.raises(TypeError, match="complex"):
+            self.matmul(a, jnp.ones((12, 2), jnp.complex64))
+
+
+class TestSpmmReference(SpmmTestBase):
+    backend = "reference"
+
+
+class TestSpmmAuto(SpmmTestBase):
+    backend = "auto"
+
+
+def test_mixed_dtypes_promote(rng):
+    a, a64 = random_sparse(rng, (8, 12), 0.5, "csr", jnp.bfloat16)
+    x = rng.standard_normal((12, 2)).astype(np.float32)
+    with jax.numpy_dtype_promotion("standard"):
+        out = jaxsparse.matmul(a, x)
+    assert out.dtype == jnp.float32
+    assert_close(out, a64 @ x.astype(np.float64), jnp.float32)
+
+
+def test_primitive_shape_checks(rng):
+    a, _ = random_sparse(rng, (8, 12), 0.5, "csr", jnp.float32)
+    b = jnp.ones((12, 2), jnp.float64)
+    with pytest.raises(TypeError, match=r"dtypes must match.*data.dtype=float32.*b.dtype=float64"):
+        jaxsparse.spmm_p.bind(a.data, a.indices, a.indptr, b, fmt="csr", shape=(8, 12), nm=None,
+                              transpose_a=False, layout="kn", backend="reference")
+    with pytest.raises(TypeError, match=r"indices must be 1-D int32"):
+        jaxsparse.spmm_p.bind(a.data, a.indices.astype(jnp.int64), a.indptr, b.astype(jnp.float32),
+                              fmt="csr", shape=(8, 12), nm=None, transpose_a=False, layout="kn",
+                              backend="reference")
+
+
+def test_backend_switch_reaches_the_lowering(rng, monkeypatch):
+    """auto/ffi lower CSR SpMM to the native kernel on CPU; reference never does."""
+    a, _ = random_sparse(rng, (8, 12), 0.5, "csr", jnp.float32)
+    x = jnp.ones((12, 2), jnp.float32)
+
+    def hlo(backend):
+        return jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend=backend)).lower(a, x).as_text()
+
+    if not jaxsparse.ffi.AVAILABLE:
+        pytest.skip(jaxsparse.ffi.UNAVAILABLE_REASON)
+    assert "jaxsparse_csr_spmm" in hlo("auto")
+    assert "jaxsparse_csr_spmm" in hlo("ffi")
+    assert "jaxsparse_csr_spmm" not in hlo("reference")
+    with jaxsparse.use_backend("reference"):
+        assert jaxsparse.get_backend() == "reference"
+        assert "jaxsparse_csr_spmm" not in jax.jit(jaxsparse.matmul).lower(a, x).as_text()
+    monkeypatch.setenv("JAXSPARSE_BACKEND", "reference")
+    assert jaxsparse.get_backend() == "reference"
