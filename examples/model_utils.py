@@ -1,0 +1,105 @@
+"""Building blocks shared by the example models: attention, weight loading, timing."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self attention with separate query/key/value/output ``nnx.Linear``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs):
+        if hidden_size % num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        self.num_heads = num_heads
+        self.query = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+        self.key = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+        self.value = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+        self.output = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """``x``: [batch, seq, hidden]; ``mask``: optional [batch, seq], nonzero = attend."""
+        b, s, d = x.shape
+        dh = d // self.num_heads
+
+        def heads(t):
+            return t.reshape(b, s, self.num_heads, dh)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        if mask is not None:
+            keep = mask[:, None, None, :].astype(bool)
+            scores = jnp.where(keep, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
+        return self.output(context)
+
+
+def build_model(make_model: Callable[[], nnx.Module], params: Mapping[str, np.ndarray],
+                source: str) -> nnx.Module:
+    """Construct ``make_model()`` with every variable taken from ``params``.
+
+    The constructor runs abstractly (``nnx.eval_shape``), so no time is spent
+    on random initialisation.  ``params`` maps dotted attribute paths such as
+    ``"layers.0.attention.query.kernel"`` to arrays already in the model's
+    layout; shapes must match exactly and every variable must be covered.
+    ``source`` names the checkpoint in error messages.
+    """
+    model = nnx.eval_shape(make_model)
+    for path, value in params.items():
+        variable = model
+        for part in path.split("."):
+            variable = variable[int(part)] if part.isdigit() else getattr(variable, part)
+        if value.shape != variable.shape:
+            raise ValueError(f"{source}: {path} has shape {value.shape}, "
+                             f"the model expects {variable.shape}")
+        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+    unset = [".".join(map(str, path)) for path, v in nnx.iter_graph(model)
+             if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if unset:
+        raise KeyError(f"{source}: no values for {unset}")
+    return model
+
+
+def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2,
+                   repeats: int = 10) -> float:
+    """Median wall-clock seconds of ``fn(*args)`` over ``repeats`` calls.
+
+    ``fn`` should be jit-compiled.  The first ``warmup`` calls (which include
+    compilation) are not timed, and every call is followed by
+    ``jax.block_until_ready`` so that asynchronous dispatch does not hide
+    device time.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jit_method(model: nnx.Module, method: str) -> Callable[..., jax.Array]:
+    """Jit-compiled ``getattr(model, method)`` as a plain function of arrays.
+
+    The module is split into a static graph and a state pytree once, so that
+    calls carry no Python-side graph traversal (this matters for timing).
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def call(state, *args):
+        return getattr(nnx.merge(graphdef, state), method)(*args)
+
+    return lambda *args: call(state, *args)
