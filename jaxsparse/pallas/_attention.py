@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxsparse._formats import BSR
 from jaxsparse.pallas._common import call_options, check_tile
@@ -159,7 +160,7 @@ def _attention_kernel(counts_ref, kvb_ref, q_ref, k_ref, v_ref, o_ref, *, bq, bk
         kb = kvb_ref[i, t]
         kt = k_ref[b, pl.ds(kb * bk, bk), h, :]
         vt = v_ref[b, pl.ds(kb * bk, bk), h, :]
-        s = pl.dot(q, kt, trans_b=True) * scale  # [bq, bk] float32
+        s = plgpu.dot(q, kt, trans_b=True) * scale  # [bq, bk] float32
         if token_mask:
             cols = kb * bk + lanes
             keep = jnp.ones((bq, bk), jnp.bool_)
@@ -175,7 +176,7 @@ def _attention_kernel(counts_ref, kvb_ref, q_ref, k_ref, v_ref, o_ref, *, bq, bk
             p = jnp.where(keep, p, 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(vt.dtype), vt)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(vt.dtype), vt)
         return m_new, l_new, acc
 
     d = q.shape[-1]

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from jaxsparse._formats import row_ids
 from jaxsparse.pallas._common import call_options, check_tile, next_pow2, pad_axis, round_up
@@ -97,7 +98,7 @@ def _bsr_sddmm_kernel(brows_ref, indices_ref, lm_ref, rn_ref, o_ref, *, bm, bn, 
         kk = pl.ds(s * bk, bk)
         lt = lm_ref[pl.ds(br * bm, bm), kk]
         rt = rn_ref[pl.ds(bc * bn, bn), kk]
-        return acc + pl.dot(lt, rt, trans_b=True).astype(F32)
+        return acc + plgpu.dot(lt, rt, trans_b=True)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
     o_ref[...] = acc.astype(o_ref.dtype)
