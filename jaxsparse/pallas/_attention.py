@@ -181,7 +181,7 @@ def _attention_kernel(counts_ref, kvb_ref, q_ref, k_ref, v_ref, o_ref, *, bq, bk
 
     d = q.shape[-1]
     init = (jnp.full((bq,), _MASK_VALUE, F32), jnp.zeros((bq,), F32), jnp.zeros((bq, d), F32))
-    _, l, acc = jax.lax.fori_loop(0, counts_ref[i], body, init)
+    _, l, acc = jax.lax.fori_loop(jnp.int32(0), counts_ref[i], body, init)
     o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 

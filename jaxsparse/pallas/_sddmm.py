@@ -47,7 +47,7 @@ def _csr_sddmm_kernel(rows_ref, cols_ref, lm_ref, rn_ref, o_ref, *, bk, steps):
         rt = rn_ref[cols, kk].astype(F32)
         return acc + jnp.sum(lt * rt, axis=1)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(rows.shape, F32))
+    acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, jnp.zeros(rows.shape, F32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -100,7 +100,7 @@ def _bsr_sddmm_kernel(brows_ref, indices_ref, lm_ref, rn_ref, o_ref, *, bm, bn, 
         rt = rn_ref[pl.ds(bc * bn, bn), kk]
         return acc + plgpu.dot(lt, rt, trans_b=True)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+    acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, jnp.zeros((bm, bn), F32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 

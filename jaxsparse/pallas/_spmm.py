@@ -123,7 +123,7 @@ def _csr_spmm_kernel(order_ref, indptr_ref, indices_ref, data_ref, b_ref, o_ref,
             g = b_ref[cols, pl.ds(j * bn, bn)].astype(F32)  # gather [chunk, bn], rows contiguous
             return acc + jnp.sum(jnp.where(valid[:, None], vals[:, None] * g, 0.0), axis=0)
 
-        acc = jax.lax.fori_loop(0, (end - start + chunk - 1) // chunk, body,
+        acc = jax.lax.fori_loop(jnp.int32(0), (end - start + chunk - 1) // chunk, body,
                                 jnp.zeros((bn,), F32))
         o_ref[row, pl.ds(j * bn, bn)] = acc.astype(o_ref.dtype)
 
@@ -196,7 +196,7 @@ def _nm_spmm_kernel(vals_ref, pos_ref, b_ref, o_ref, *, n, m, bm, groups, bn, st
             acc = acc + jnp.dot(tile, bt, preferred_element_type=F32)
         return acc
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+    acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, jnp.zeros((bm, bn), F32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
