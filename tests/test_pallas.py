@@ -366,3 +366,46 @@ def test_gpu_attention_compiled(rng):
     out = jsp.block_sparse_attention(q, k, v, mask, window=128)
     i, j = np.arange(512)[:, None], np.arange(512)[None, :]
     _close(out, _attention64(q, k, v, np.abs(i - j) < 128), jnp.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# No GPU needed: lower for the cuda platform, which runs the Pallas -> Triton IR lowering of every
+# kernel (Triton's shape rules, gathers, strided loads, dots); the Triton compiler itself and the
+# kernels' behaviour on a GPU are not exercised here.
+
+
+def _lower_for_cuda(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("case", ["bsr32", "bsr128-f16-nk", "csr", "nm", "csr-sddmm",
+                                  "bsr-sddmm-f32", "attention"])
+def test_kernels_lower_to_triton(rng, monkeypatch, case):
+    monkeypatch.setattr(jsp._lowering, "gpu_capability_reason", lambda: None)
+    bf = jnp.bfloat16
+    x = jnp.ones((256, 64), bf)
+    spmm = lambda a, x: jaxsparse.matmul(a, x, backend="pallas")
+    if case == "bsr32":
+        a = _build(_block_dense(rng, 256, 256, (32, 32), 0.3), "bsr", bf, (32, 32))
+        text = _lower_for_cuda(spmm, a, x)
+    elif case == "bsr128-f16-nk":
+        a = _build(_block_dense(rng, 256, 256, (128, 128), 0.5), "bsr", jnp.float16, (128, 128))
+        text = _lower_for_cuda(lambda a, x: jaxsparse.matmul(x, a.T, backend="pallas"), a,
+                               x.T.astype(jnp.float16))
+    elif case in ("csr", "nm"):
+        dense = _unstructured(rng, 256, 256, 0.1) if case == "csr" else _two_four(rng, 256, 256)
+        text = _lower_for_cuda(spmm, _build(dense, case, bf), x)
+    elif case.endswith("sddmm") or case.endswith("sddmm-f32"):
+        fmt = case.split("-")[0]
+        dtype = jnp.float32 if case.endswith("f32") else bf
+        mask = (_block_dense(rng, 256, 256, (32, 32), 0.3) if fmt == "bsr"
+                else _unstructured(rng, 256, 256, 0.1)) != 0
+        p = _build(mask.astype(np.float64), fmt, dtype, (32, 32))
+        text = _lower_for_cuda(lambda l, r, p: jaxsparse.sddmm(l, r, p, backend="pallas").values,
+                               x.astype(dtype), x.T.astype(dtype), p)
+    else:
+        q = jnp.ones((1, 512, 2, 128), bf)
+        mask = jsp.local_block_mask(512, 512, 128, 64, 128)
+        text = _lower_for_cuda(lambda q, k, v: jsp.block_sparse_attention(
+            q, k, v, mask, window=128, interpret=False), q, q, q)
+    assert text.count("__gpu$xla.gpu.triton") == 1
