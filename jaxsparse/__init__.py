@@ -15,6 +15,6 @@ from jaxsparse import pallas  # Pallas GPU kernels (+ interpret mode); chains af
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BSR", "CSR", "NM", "SparseMatrix", "dlmc", "ffi", "pallas", "get_backend", "matmul", "sddmm",
-    "sddmm_p", "spmm_p", "use_backend",
+    "BACKENDS", "BSR", "CSR", "NM", "SparseMatrix", "dlmc", "ffi", "get_backend", "matmul", "pallas",
+    "sddmm", "sddmm_p", "spmm_p", "use_backend",
 ]

@@ -37,11 +37,28 @@ def _slow(fn):
     return wrapper
 
 
+def _quick_only(base):
+    """Class decorator: every test of ``base`` the subclass does not redefine is marked ``slow``.
+
+    Under ``pallas-interpret`` the base cases in float64 (most of them) reach the reference
+    fallback only, repeating the reference run under a slower lowering; the quick run keeps the
+    ones redefined here, which reach the kernels."""
+
+    def decorate(cls):
+        for name in dir(base):
+            if name.startswith("test_") and name not in cls.__dict__:
+                setattr(cls, name, _slow(getattr(base, name)))
+        return cls
+
+    return decorate
+
+
+@_quick_only(SpmmTestBase)
 class TestSpmmPallasInterpret(SpmmTestBase):
     backend = BACKEND
 
-    # Quick run: the cases that reach the CSR and N:M kernels (transpose_a=False: A@X, x@W.T);
-    # the full dtype x form grid stays as test_dtypes_all (slow).
+    # The cases that reach the CSR and N:M kernels (transpose_a=False: A@X, x@W.T); the full
+    # dtype x form grid stays as test_dtypes_all (slow). BSR: the targeted tests below.
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
     @pytest.mark.parametrize("form", ["A@X", "x@W.T"])
     @pytest.mark.parametrize("fmt", ["csr", "nm"])
@@ -49,17 +66,10 @@ class TestSpmmPallasInterpret(SpmmTestBase):
         SpmmTestBase.test_dtypes(self, rng, fmt, form, dtype)
 
     test_dtypes_all = _slow(SpmmTestBase.test_dtypes)
-    # float64 throughout: they reach the reference fallback only (kept, but out of the quick run)
-    test_forms = _slow(SpmmTestBase.test_forms)
-    test_structure_edge_cases = _slow(SpmmTestBase.test_structure_edge_cases)
-    test_vector_and_batch_operands = _slow(SpmmTestBase.test_vector_and_batch_operands)
-    test_vmap_dense = _slow(SpmmTestBase.test_vmap_dense)
-    test_vmap_sparse_values = _slow(SpmmTestBase.test_vmap_sparse_values)
-    test_vmap_both = _slow(SpmmTestBase.test_vmap_both)
-    test_grads = _slow(SpmmTestBase.test_grads)
-    test_dlmc_patterns = _slow(SpmmTestBase.test_dlmc_patterns)
+    test_errors = SpmmTestBase.test_errors
 
 
+@_quick_only(SddmmTestBase)
 class TestSddmmPallasInterpret(SddmmTestBase):
     backend = BACKEND
 
@@ -68,12 +78,7 @@ class TestSddmmPallasInterpret(SddmmTestBase):
         SddmmTestBase.test_dtypes(self, rng, "csr", dtype)
 
     test_dtypes_all = _slow(SddmmTestBase.test_dtypes)
-    test_values = _slow(SddmmTestBase.test_values)
-    test_operand_layouts = _slow(SddmmTestBase.test_operand_layouts)
-    test_structure_edge_cases = _slow(SddmmTestBase.test_structure_edge_cases)
-    test_vmap = _slow(SddmmTestBase.test_vmap)
-    test_grads = _slow(SddmmTestBase.test_grads)
-    test_dlmc_patterns = _slow(SddmmTestBase.test_dlmc_patterns)
+    test_errors = SddmmTestBase.test_errors
 
 
 # ----------------------------------------------------------------------------------------------
