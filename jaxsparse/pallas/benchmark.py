@@ -206,13 +206,19 @@ def _markdown(meta, records):
 
 
 def main(argv=None):
+    """Run the benchmark. ``argv``: a list of arguments, or an ``argparse.Namespace`` holding
+    any of ``smoke``, ``repeats``, ``out``, ``only`` (the rest take their defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes in Pallas interpret mode (runs on CPU; checks the script)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--only", choices=["spmm", "sddmm", "attention"], action="append")
-    args = parser.parse_args(argv)
+    if isinstance(argv, argparse.Namespace):  # from a wrapper CLI (python -m jaxsparse.bench gpu)
+        args = parser.parse_args([])
+        args.__dict__.update({k: v for k, v in vars(argv).items() if k in vars(args)})
+    else:
+        args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if not args.smoke and not on_gpu:
         parser.error(f"no GPU (jax.default_backend()={jax.default_backend()!r}); "
