@@ -153,7 +153,8 @@ def test_spmm_kernels(rng, fmt, block, dtype, layout):
     x, x64 = rounded(rng.standard_normal((k, n) if layout == "kn" else (n, k)), dtype)
     assert jsp.select_spmm([a.values], dict(fmt=fmt, transpose_a=False))[0] is not None
     if layout == "kn":
-        out, expected = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend=BACKEND))(a, x), a64 @ x64
+        out = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend=BACKEND))(a, x)
+        expected = a64 @ x64
     else:
         out = jax.jit(lambda a, x: jaxsparse.matmul(x, a.T, backend=BACKEND))(a, x)
         expected = x64 @ a64.T

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxsparse._formats import BSR
-from jaxsparse.pallas._common import call_options, check_tile
+from jaxsparse.pallas._common import call_options, check_tile, dot_precision
 
 F32 = jnp.float32
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: no inf - inf = nan
@@ -160,7 +160,8 @@ def _attention_kernel(counts_ref, kvb_ref, q_ref, k_ref, v_ref, o_ref, *, bq, bk
         kb = kvb_ref[i, t]
         kt = k_ref[b, pl.ds(kb * bk, bk), h, :]
         vt = v_ref[b, pl.ds(kb * bk, bk), h, :]
-        s = plgpu.dot(q, kt, trans_b=True) * scale  # [bq, bk] float32
+        prec = dot_precision(q.dtype)
+        s = plgpu.dot(q, kt, trans_b=True, precision=prec) * scale  # [bq, bk] float32
         if token_mask:
             cols = kb * bk + lanes
             keep = jnp.ones((bq, bk), jnp.bool_)
@@ -176,7 +177,7 @@ def _attention_kernel(counts_ref, kvb_ref, q_ref, k_ref, v_ref, o_ref, *, bq, bk
             p = jnp.where(keep, p, 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_new = alpha * l_prev + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(vt.dtype), vt)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(vt.dtype), vt, precision=prec)
         return m_new, l_new, acc
 
     d = q.shape[-1]

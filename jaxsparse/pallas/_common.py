@@ -9,6 +9,7 @@ that, so a configuration that passes in interpret mode on CPU has the shapes Tri
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 #: Input dtypes the kernels take (half types accumulate in float32). float64 falls back.
@@ -17,6 +18,12 @@ KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def kernel_dtype(dtype) -> bool:
     return any(dtype == d for d in KERNEL_DTYPES)
+
+
+def dot_precision(dtype):
+    """float32 operands multiply in full precision (Triton ``ieee``, not its TF32 default), so
+    float32 results match the reference; half types take the tensor cores as they are."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jaxsparse._formats import row_ids
-from jaxsparse.pallas._common import call_options, check_tile, next_pow2, pad_axis, round_up
+from jaxsparse.pallas._common import (call_options, check_tile, dot_precision, next_pow2,
+                                      pad_axis, round_up)
 
 F32 = jnp.float32
 
@@ -98,7 +99,7 @@ def _bsr_sddmm_kernel(brows_ref, indices_ref, lm_ref, rn_ref, o_ref, *, bm, bn, 
         kk = pl.ds(s * bk, bk)
         lt = lm_ref[pl.ds(br * bm, bm), kk]
         rt = rn_ref[pl.ds(bc * bn, bn), kk]
-        return acc + plgpu.dot(lt, rt, trans_b=True)
+        return acc + plgpu.dot(lt, rt, trans_b=True, precision=dot_precision(lt.dtype))
 
     acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, jnp.zeros((bm, bn), F32))
     o_ref[...] = acc.astype(o_ref.dtype)

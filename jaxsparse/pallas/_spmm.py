@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxsparse.pallas._common import (call_options, cdiv, check_tile, next_pow2, pad_axis,
-                                      round_up, row_order)
+from jaxsparse.pallas._common import (call_options, check_tile, dot_precision, next_pow2,
+                                      pad_axis, round_up, row_order)
 
 F32 = jnp.float32
 
@@ -55,7 +55,8 @@ def _bsr_spmm_kernel(order_ref, indptr_ref, indices_ref, data_ref, b_ref, o_ref,
         col = indices_ref[z]
         a = data_ref[z, :, :]
         bt = b_ref[pl.ds(col * bk, bk), pl.ds(j * bn, bn)]
-        return acc + jnp.dot(a, bt, preferred_element_type=F32)
+        return acc + jnp.dot(a, bt, preferred_element_type=F32,
+                             precision=dot_precision(a.dtype))
 
     acc = jax.lax.fori_loop(start, end, body, jnp.zeros((bm, bn), F32))
     o_ref[pl.ds(row * bm, bm), pl.ds(j * bn, bn)] = acc.astype(o_ref.dtype)
@@ -193,7 +194,8 @@ def _nm_spmm_kernel(vals_ref, pos_ref, b_ref, o_ref, *, n, m, bm, groups, bn, st
             for t in range(1, n):
                 tile = tile + vals[t] * (pos[t] == slot).astype(vals[t].dtype)
             bt = b_ref[pl.ds(g0 * m + slot, groups, stride=m), pl.ds(j * bn, bn)]
-            acc = acc + jnp.dot(tile, bt, preferred_element_type=F32)
+            acc = acc + jnp.dot(tile, bt, preferred_element_type=F32,
+                                  precision=dot_precision(tile.dtype))
         return acc
 
     acc = jax.lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, jnp.zeros((bm, bn), F32))

@@ -164,12 +164,14 @@ def _row(r):
     return (f"{r['op']:9s} {r['fmt']:6s} sp={_fmt(r['sparsity'], '.2f')} k={r['k']:5d} "
             f"n={r['n']:5d} "
             f"pallas={_fmt(r['pallas_ms'])}ms dense={_fmt(r['dense_ms'])}ms "
-            f"bcsr={_fmt(r.get('bcsr_ms'))}ms x_dense={_fmt(_ratio(r['pallas_ms'], r['dense_ms']), '.2f')}"
+            f"bcsr={_fmt(r.get('bcsr_ms'))}ms "
+            f"x_dense={_fmt(_ratio(r['pallas_ms'], r['dense_ms']), '.2f')}"
             + (f"  [{r['error']}]" if r.get("error") else ""))
 
 
 def _markdown(meta, records):
-    lines = [f"# Pallas kernels: GPU benchmark{' (SMOKE: interpret mode, tiny sizes)' if meta['smoke'] else ''}",
+    smoke = " (SMOKE: interpret mode, tiny sizes; not a measurement)" if meta["smoke"] else ""
+    lines = [f"# Pallas kernels: GPU benchmark{smoke}",
              "", f"- device: {meta['device']}", f"- date: {meta['date']}",
              f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}, python {meta['python']}",
              f"- backend: {meta['backend']}, repeats: {meta['repeats']} (median)", "",
