@@ -1,0 +1,185 @@
+"""Attention restricted to a static sparse pattern: SDDMM -> softmax over stored entries -> SpMM.
+
+For every batch element and head, ``scores = (q * scale) @ k.T`` is computed only at the pattern's
+entries (:data:`jaxsparse.sddmm_p`), normalised with a softmax over the stored entries of each row
+(a segment max / sum over row ids), and multiplied with ``v`` (:data:`jaxsparse.spmm_p`). The
+``q_len x k_len`` score matrix is never formed: memory is O(batch * heads * nnz).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsparse._formats import INDEX_DTYPE, CSR, SparseMatrix, nm_columns, row_ids
+from jaxsparse._sddmm import sddmm_values
+from jaxsparse._spmm import compute_dtype, spmm
+
+__all__ = ["attention"]
+
+
+def _entry_coords(pattern: SparseMatrix):
+    """Row and column of every stored entry, shaped like the pattern's values."""
+    vshape = pattern.values.shape
+    if pattern.fmt == "csr":
+        return row_ids(pattern.indptr, vshape[0]), pattern.indices
+    if pattern.fmt == "bsr":
+        nb, bm, bk = vshape
+        brow = row_ids(pattern.indptr, nb)
+        rows = brow[:, None, None] * bm + jnp.arange(bm, dtype=INDEX_DTYPE)[None, :, None]
+        cols = pattern.indices[:, None, None] * bk + jnp.arange(bk, dtype=INDEX_DTYPE)[None, None, :]
+        return jnp.broadcast_to(rows, vshape), jnp.broadcast_to(cols, vshape)
+    cols = nm_columns(pattern.positions, pattern.n, pattern.m)
+    rows = jnp.broadcast_to(jnp.arange(vshape[0], dtype=INDEX_DTYPE)[:, None], vshape)
+    return rows, cols
+
+
+def _softmax_rows(scores, rows, n_rows: int, keep=None, sorted_rows: bool = False):
+    """Softmax of ``scores`` over the entries of each row (``rows`` gives each entry's row).
+    ``keep`` (bool, same shape) excludes entries; a row without any entry left gets zeros."""
+    flat, r = scores.reshape(-1), rows.reshape(-1)
+    if keep is not None:
+        keep = keep.reshape(-1)
+        flat = jnp.where(keep, flat, -jnp.inf)
+    mx = jax.ops.segment_max(flat, r, num_segments=n_rows, indices_are_sorted=sorted_rows)
+    mx = jnp.where(jnp.isfinite(mx), mx, jnp.zeros((), mx.dtype))
+    p = jnp.exp(flat - mx[r])
+    if keep is not None:
+        p = jnp.where(keep, p, jnp.zeros((), p.dtype))
+    den = jax.ops.segment_sum(p, r, num_segments=n_rows, indices_are_sorted=sorted_rows)
+    den = jnp.where(den > 0, den, jnp.ones((), den.dtype))
+    return (p / den[r]).reshape(scores.shape)
+
+
+def _block_diagonal(pattern: CSR, copies: int) -> CSR:
+    """``copies`` copies of a square-or-not CSR pattern along the diagonal (one bigger CSR)."""
+    m, k = pattern.shape
+    nnz = pattern.indices.shape[0]
+    c = jnp.arange(copies, dtype=INDEX_DTYPE)[:, None]
+    indices = (pattern.indices[None, :] + c * k).reshape(-1)
+    indptr = jnp.concatenate([(pattern.indptr[None, :-1] + c * nnz).reshape(-1),
+                              jnp.full((1,), copies * nnz, INDEX_DTYPE)])
+    data = jnp.zeros((copies * nnz,), pattern.dtype)
+    return CSR.tree_unflatten(((copies * m, copies * k), False), (data, indices, indptr))
+
+
+def _single_head(q, k, v, pattern, keep, backend):
+    """One (batch, head): q [Sq, D] (already scaled), k [Sk, D], v [Sk, Dv] -> [Sq, Dv]."""
+    rows, _ = _entry_coords(pattern)
+    pattern = pattern.astype(q.dtype)
+    s = sddmm_values(q, k, pattern, transpose_rhs=True, backend=backend)
+    cd = compute_dtype(s.dtype)
+    p = _softmax_rows(s.astype(cd), rows, pattern.shape[0], keep,
+                      sorted_rows=pattern.fmt != "bsr").astype(v.dtype)
+    return spmm(pattern.with_values(p), v, layout="kn", backend=backend)
+
+
+def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None = None,
+              mask=None, bias=None, dropout_rate: float = 0.0, deterministic: bool = True,
+              dtype=None, precision=None, module=None, is_causal: bool = False,
+              dropout_rng=None, broadcast_dropout: bool = True, fold_heads: bool | None = None,
+              backend: str | None = None):
+    """Multi-head attention restricted to the static sparse ``pattern`` ``[q_len, k_len]``.
+
+    ``query`` ``[..., q_len, heads, head_dim]``, ``key`` ``[..., k_len, heads, head_dim]``,
+    ``value`` ``[..., k_len, heads, v_dim]`` as in :func:`jax.nn.dot_product_attention` (leading
+    batch dims fold into one); returns ``[..., q_len, heads, v_dim]``. Query ``i`` attends only to
+    the keys stored in row ``i`` of ``pattern`` (CSR, BSR or N:M; see :mod:`jaxsparse.patterns`),
+    with a softmax over those entries; **a row with no allowed key gives zeros** (a dense masked
+    softmax would instead average all values).
+
+    ``mask`` (optional, bool, broadcastable to ``[batch, heads, q_len, k_len]``, e.g. a padding
+    mask ``[batch, 1, 1, k_len]``) removes further entries; it is only read at the pattern's
+    entries, so a broadcastable mask is never expanded. Rows whose entries are all masked give
+    zeros as well. ``bias`` and dropout are not supported (``dropout_rate`` must be 0 unless
+    ``deterministic``). The remaining keywords are accepted so that
+    ``functools.partial(attention, pattern=p)`` serves as ``nnx.MultiHeadAttention``'s
+    ``attention_fn``.
+
+    ``fold_heads`` (default: True for CSR) computes all batch elements and heads with one SDDMM and
+    one SpMM on a block-diagonal copy of the pattern; otherwise they are mapped over one by one.
+
+    >>> p = jaxsparse.patterns.causal(4)
+    >>> q = jnp.ones((1, 4, 2, 8), jnp.float32)
+    >>> attention(q, q, q, p).shape
+    (1, 4, 2, 8)
+    """
+    del precision, module, dropout_rng, broadcast_dropout
+    if not isinstance(pattern, SparseMatrix):
+        raise TypeError(f"attention: pattern must be a jaxsparse matrix (see jaxsparse.patterns), "
+                        f"got {type(pattern).__name__}")
+    if bias is not None:
+        raise NotImplementedError("attention: an additive bias is not supported on a sparse pattern")
+    if dropout_rate and not deterministic:
+        raise NotImplementedError("attention: dropout is not supported (use deterministic=True)")
+    if is_causal:
+        raise ValueError("attention: is_causal is expressed by the pattern "
+                         "(jaxsparse.patterns.causal), not by a flag")
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    if dtype is not None:
+        query, key, value = (a.astype(dtype) for a in (query, key, value))
+    if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
+        raise ValueError(f"attention: query, key and value must be [..., seq, heads, dim] with the "
+                         f"same rank, got query.shape={query.shape}, key.shape={key.shape}, "
+                         f"value.shape={value.shape}")
+    *lead, sq, h, d = query.shape
+    sk = key.shape[-3]
+    if key.shape[:-3] != tuple(lead) or value.shape[:-3] != tuple(lead):
+        raise ValueError(f"attention: batch dims differ: query.shape={query.shape}, "
+                         f"key.shape={key.shape}, value.shape={value.shape}")
+    if key.shape[-2:] != (h, d) or value.shape[-3:-1] != (sk, h):
+        raise ValueError(f"attention: key must be [..., k_len, {h}, {d}] and value "
+                         f"[..., k_len, {h}, v_dim]; got key.shape={key.shape}, "
+                         f"value.shape={value.shape}")
+    if pattern.shape != (sq, sk):
+        raise ValueError(f"attention: pattern.shape={pattern.shape} does not match "
+                         f"(q_len, k_len)=({sq}, {sk})")
+    dt = jnp.result_type(query.dtype, key.dtype, value.dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"attention: query, key, value must be floating point, got {dt}")
+    query, key, value = (a.astype(dt) for a in (query, key, value))
+    if pattern.transposed:
+        raise ValueError("attention: pass the pattern [q_len, k_len] as stored (not a .T view)")
+    b = int(np.prod(lead)) if lead else 1
+    dv = value.shape[-1]
+    scale = (1.0 / np.sqrt(d)) if scale is None else scale
+    # [B, H, S, D]
+    q = (query.reshape(b, sq, h, d) * jnp.asarray(scale, dt)).transpose(0, 2, 1, 3)
+    k = key.reshape(b, sk, h, d).transpose(0, 2, 1, 3)
+    v = value.reshape(b, sk, h, dv).transpose(0, 2, 1, 3)
+
+    keep = None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.ndim > 4 or mask.ndim < 2:
+            raise ValueError(f"attention: mask must be broadcastable to [batch, heads, q_len, "
+                             f"k_len], got mask.shape={mask.shape}")
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mb, mh, mq, mk = mask.shape
+        if mb not in (1, b) or mh not in (1, h) or mq not in (1, sq) or mk not in (1, sk):
+            raise ValueError(f"attention: mask.shape={mask.shape} is not broadcastable to "
+                             f"{(b, h, sq, sk)}")
+        rows, cols = _entry_coords(pattern)
+        g = mask[:, :, rows if mq > 1 else jnp.zeros_like(rows),
+                 cols if mk > 1 else jnp.zeros_like(cols)]  # [mb, mh, *values.shape]
+        keep = jnp.broadcast_to(g.astype(bool), (b, h) + g.shape[2:])
+
+    if fold_heads is None:
+        fold_heads = pattern.fmt == "csr"
+    if fold_heads and pattern.fmt == "csr":
+        big = _block_diagonal(pattern, b * h)
+        out = _single_head(q.reshape(b * h * sq, d), k.reshape(b * h * sk, d),
+                           v.reshape(b * h * sk, dv), big,
+                           None if keep is None else keep.reshape(-1), backend)
+        out = out.reshape(b, h, sq, dv)
+    else:
+        fn = functools.partial(_single_head, pattern=pattern, backend=backend)
+        if keep is None:
+            one = lambda qq, kk, vv: fn(qq, kk, vv, keep=None)
+            out = jax.vmap(jax.vmap(one))(q, k, v)
+        else:
+            out = jax.vmap(jax.vmap(lambda qq, kk, vv, kp: fn(qq, kk, vv, keep=kp)))(q, k, v, keep)
+    return out.transpose(0, 2, 1, 3).reshape(*lead, sq, h, dv)

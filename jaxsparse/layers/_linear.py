@@ -1,0 +1,307 @@
+"""SparseLinear and SparseMLP: drop-in sparse counterparts of ``nnx.Linear`` and a transformer FFN."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+
+from jaxsparse import prune as _prune
+from jaxsparse._formats import BSR, CSR, INDEX_DTYPE, NM, POSITION_DTYPE, SparseMatrix
+from jaxsparse._spmm import matmul
+
+__all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS"]
+
+METHODS = ("magnitude", "block", "n:m", "wanda")
+FORMATS = ("csr", "bsr", "nm")
+_METHOD_FOR_FORMAT = {"csr": "magnitude", "bsr": "block", "nm": "n:m"}
+
+default_kernel_init = initializers.lecun_normal()
+
+
+class SparsityPattern(nnx.Variable):
+    """The fixed index arrays of a sparse weight: state (saved, loaded, split like any variable)
+    but not a parameter, so ``nnx.grad``/optimizers with ``wrt=nnx.Param`` leave it alone."""
+
+
+def _pair(v, name: str, where: str) -> tuple[int, int]:
+    if np.isscalar(v):
+        return int(v), int(v)
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {name} must be an int or a pair of ints, got {name}={v!r}")
+    return int(a), int(b)
+
+
+def resolve_method(method, fmt, where: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}: format must be one of {FORMATS}, got format={fmt!r}")
+    if method is None:
+        method = _METHOD_FOR_FORMAT[fmt]
+    if method not in METHODS:
+        raise ValueError(f"{where}: method must be one of {METHODS}, got method={method!r}")
+    if fmt == "bsr" and method != "block":
+        raise ValueError(f"{where}: format='bsr' needs method='block' (a block-structured mask), "
+                         f"got method={method!r}")
+    if fmt == "nm" and method != "n:m":
+        raise ValueError(f"{where}: format='nm' needs method='n:m', got method={method!r}")
+    return method
+
+
+def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=None,
+                 x_norms=None, where="SparseLinear"):
+    """Prune ``w [out, in]`` with ``method``; returns the keep-mask (NumPy bool) and resolved
+    (block_size, n_m)."""
+    if method == "n:m":
+        n, m = _pair(n_m if n_m is not None else (2, 4), "n_m", where)
+        if not 0 < n <= m:
+            raise ValueError(f"{where}: n_m must satisfy 0 < n <= m, got n_m={(n, m)}")
+        if w.shape[1] % m:
+            raise ValueError(f"{where}: n_m={(n, m)}: m={m} must divide in_features={w.shape[1]}")
+        if sparsity is not None:
+            _prune.check_sparsity(sparsity, where)
+        _, mask = _prune.n_m(w, n, m)
+        return np.asarray(mask), None, (n, m)
+    if sparsity is None:
+        raise ValueError(f"{where}: sparsity is required for method={method!r}")
+    _prune.check_sparsity(sparsity, where)
+    if method == "magnitude":
+        _, mask = _prune.magnitude(w, sparsity)
+        return np.asarray(mask), None, None
+    if method == "block":
+        if block_size is None:
+            raise ValueError(f"{where}: block_size is required for method='block'")
+        bs = _pair(block_size, "block_size", where)
+        if bs[0] < 1 or bs[1] < 1 or w.shape[0] % bs[0] or w.shape[1] % bs[1]:
+            raise ValueError(f"{where}: block_size={bs} must divide the weight "
+                             f"[out_features, in_features]={tuple(w.shape)}")
+        _, mask = _prune.block(w, sparsity, bs)
+        return np.asarray(mask), bs, None
+    if method == "wanda":
+        if calibration is None and x_norms is None:
+            raise ValueError(f"{where}: method='wanda' needs calibration inputs "
+                             f"(calibration=[..., in_features])")
+        if x_norms is None:
+            x_norms = _prune.feature_norms(calibration, w.shape[1], where)
+        _, mask = _prune.wanda(w, None, sparsity, x_norms=x_norms)
+        return np.asarray(mask), None, None
+    raise ValueError(f"{where}: method must be one of {METHODS}, got method={method!r}")
+
+
+def to_sparse(w, mask: np.ndarray, fmt: str, block_size=None, nm=None) -> SparseMatrix:
+    """The sparse matrix storing ``w``'s entries at ``mask`` (kept zeros stay stored)."""
+    wa = jnp.asarray(w)
+    out_f, in_f = mask.shape
+    if fmt == "csr":
+        rows, cols = np.nonzero(mask)
+        indptr = np.zeros(out_f + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=out_f), out=indptr[1:])
+        return CSR((wa[rows, cols], cols.astype(INDEX_DTYPE), indptr.astype(INDEX_DTYPE)),
+                   shape=mask.shape)
+    if fmt == "bsr":
+        bm, bk = block_size
+        occ = mask.reshape(out_f // bm, bm, in_f // bk, bk).any(axis=(1, 3))
+        br, bc = np.nonzero(occ)
+        indptr = np.zeros(out_f // bm + 1, np.int64)
+        np.cumsum(np.bincount(br, minlength=out_f // bm), out=indptr[1:])
+        blocks = wa.reshape(out_f // bm, bm, in_f // bk, bk).transpose(0, 2, 1, 3)
+        return BSR((blocks[br, bc], bc.astype(INDEX_DTYPE), indptr.astype(INDEX_DTYPE)),
+                   shape=mask.shape)
+    n, m = nm
+    groups = mask.reshape(out_f, in_f // m, m)
+    # Exactly n kept per group (n_m pruning guarantees it): their positions in increasing order.
+    pos = np.argsort(~groups, axis=-1, kind="stable")[..., :n]
+    cols = (np.arange(in_f // m)[None, :, None] * m + pos).reshape(out_f, -1)
+    values = jnp.take_along_axis(wa, jnp.asarray(cols), axis=1)
+    return NM((values, pos.reshape(out_f, -1).astype(POSITION_DTYPE)), shape=mask.shape, n=n, m=m)
+
+
+class SparseLinear(nnx.Module):
+    """A linear layer ``y = x @ W.T + b`` with a sparse weight ``W`` stored ``[out, in]``.
+
+    The constructor mirrors :class:`flax.nnx.Linear` (same kernel initialisation, so the same
+    ``rngs`` give the same dense kernel) and prunes the fresh kernel to ``sparsity`` with
+    ``method`` before storing it in ``format``:
+
+    * ``method``: ``"magnitude"`` (per layer), ``"block"`` (``block_size``), ``"n:m"`` (``n_m``,
+      default ``(2, 4)``) or ``"wanda"`` (only through :meth:`from_dense`, it needs calibration
+      inputs). ``None`` picks the natural one for ``format``.
+    * ``format``: ``"csr"`` (any method), ``"bsr"`` (``method="block"``), ``"nm"``
+      (``method="n:m"``).
+
+    The kept values are an ``nnx.Param`` (``self.data``: gradients reach them, the pattern stays
+    fixed); the index arrays are :class:`SparsityPattern` variables. The product is one
+    :func:`jaxsparse.matmul` of the folded input ``[prod(batch), in]`` with ``W.T`` (SpMM layout
+    ``"nk"``, no transposed copy of ``W``).
+
+    >>> layer = SparseLinear(8, 4, sparsity=0.5, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 3, 8), jnp.float32)).shape
+    (2, 3, 4)
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Callable = default_kernel_init,
+                 bias_init: Callable = initializers.zeros_init(),
+                 sparsity: float | None = 0.0, method: str | None = None, format: str = "csr",
+                 block_size=None, n_m=None, rngs: nnx.Rngs | None = None,
+                 _weight: SparseMatrix | None = None, _bias=None):
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision  # kept for signature compatibility; the sparse product is exact
+        if _weight is None:
+            if rngs is None:
+                raise TypeError("SparseLinear: rngs is required (e.g. rngs=nnx.Rngs(0))")
+            method = resolve_method(method, format, "SparseLinear")
+            if method == "wanda":
+                raise ValueError("SparseLinear: method='wanda' needs calibration inputs; build the "
+                                 "layer with SparseLinear.from_dense(linear, calibration=...)")
+            kernel = kernel_init(rngs.params(), (self.in_features, self.out_features),
+                                 param_dtype)
+            w = kernel.T
+            mask, bs, nm = prune_weight(w, sparsity=sparsity, method=method, block_size=block_size,
+                                        n_m=n_m)
+            _weight = to_sparse(w, mask, format, bs, nm)
+            if use_bias:
+                _bias = bias_init(rngs.params(), (self.out_features,), param_dtype)
+        if _weight.shape != (self.out_features, self.in_features) or _weight.transposed:
+            raise ValueError(f"SparseLinear: weight must be stored [out_features, in_features]="
+                             f"{(self.out_features, self.in_features)}, got {_weight.shape}")
+        self.format = _weight.fmt
+        self.block_size = tuple(_weight.block_size) if _weight.fmt == "bsr" else None
+        self.n_m = (_weight.n, _weight.m) if _weight.fmt == "nm" else None
+        self.data = nnx.Param(_weight.values)
+        pattern = _weight.pattern_arrays
+        if self.format == "nm":
+            self.positions = SparsityPattern(pattern[0])
+        else:
+            self.indices = SparsityPattern(pattern[0])
+            self.indptr = SparsityPattern(pattern[1])
+        self.bias = nnx.Param(_bias) if use_bias else None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nnx.Linear, *, sparsity: float | None = None,
+                   method: str | None = None, format: str = "csr", block_size=None, n_m=None,
+                   calibration=None, x_norms=None) -> "SparseLinear":
+        """Prune an ``nnx.Linear`` (kernel ``[in, out]``) into a SparseLinear.
+
+        ``calibration`` (``method="wanda"``) is an array of the layer's inputs ``[..., in]``;
+        alternatively pass their per-feature L2 norms as ``x_norms [in]``.
+        """
+        if not isinstance(linear, nnx.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected an nnx.Linear, got "
+                            f"{type(linear).__name__}")
+        method = resolve_method(method, format, "SparseLinear.from_dense")
+        w = jnp.asarray(linear.kernel[...]).T
+        mask, bs, nm = prune_weight(w, sparsity=sparsity, method=method, block_size=block_size,
+                                    n_m=n_m, calibration=calibration, x_norms=x_norms,
+                                    where="SparseLinear.from_dense")
+        bias = linear.bias[...] if linear.bias is not None else None
+        return cls(linear.in_features, linear.out_features, use_bias=linear.use_bias,
+                   dtype=linear.dtype, param_dtype=linear.param_dtype,
+                   precision=linear.precision, _weight=to_sparse(w, mask, format, bs, nm),
+                   _bias=bias)
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def weight(self) -> SparseMatrix:
+        """The sparse weight ``[out, in]`` (traceable: built from the current variables)."""
+        shape = (self.out_features, self.in_features)
+        data = self.data[...]
+        if self.format == "nm":
+            return NM.tree_unflatten(((shape, False), *self.n_m), (data, self.positions[...]))
+        cls = CSR if self.format == "csr" else BSR
+        return cls.tree_unflatten((shape, False), (data, self.indices[...], self.indptr[...]))
+
+    @property
+    def nnz(self) -> int:
+        """Stored weights (explicit zeros included)."""
+        return int(np.prod(self.data[...].shape))
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the ``out * in`` weights not stored."""
+        return 1.0 - self.nnz / (self.in_features * self.out_features)
+
+    def masked_kernel(self):
+        """The dense kernel ``[in, out]`` (nnx.Linear's layout) with the pruned entries zero."""
+        return self.weight.todense().T
+
+    def mask(self):
+        """The boolean keep-mask ``[in, out]`` (nnx.Linear's layout)."""
+        w = self.weight
+        return w.with_values(jnp.ones(w.values.shape, jnp.float32)).todense().T > 0
+
+    def to_dense(self, rngs: nnx.Rngs | None = None) -> nnx.Linear:
+        """The ``nnx.Linear`` with the masked kernel (the inverse of :meth:`from_dense`)."""
+        lin = nnx.Linear(self.in_features, self.out_features, use_bias=self.use_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         precision=self.precision, rngs=rngs or nnx.Rngs(0))
+        lin.kernel[...] = self.masked_kernel()
+        if self.use_bias:
+            lin.bias[...] = self.bias[...]
+        return lin
+
+    # -- forward --------------------------------------------------------------------------------
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim == 0 or inputs.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: inputs.shape[-1]="
+                             f"{inputs.shape[-1] if inputs.ndim else None} does not match "
+                             f"in_features={self.in_features} (inputs.shape={inputs.shape})")
+        weight = self.weight
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, data, bias = dtypes.promote_dtype((inputs, weight.values, bias), dtype=self.dtype)
+        weight = weight.with_values(data)
+        # x @ W.T on the stored [out, in] W: spmm layout "nk", leading dims folded into one.
+        y = matmul(inputs, weight.T)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+class SparseMLP(nnx.Module):
+    """Transformer feed-forward block ``fc2(activation(fc1(x)))`` with two :class:`SparseLinear`.
+
+    >>> mlp = SparseMLP(8, 32, sparsity=0.9, rngs=nnx.Rngs(0))
+    >>> mlp(jnp.ones((4, 8), jnp.float32)).shape
+    (4, 8)
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 *, activation: Callable = jax.nn.gelu, use_bias: bool = True, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, sparsity: float | None = 0.0,
+                 method: str | None = None, format: str = "csr", block_size=None, n_m=None,
+                 kernel_init: Callable = default_kernel_init,
+                 bias_init: Callable = initializers.zeros_init(), rngs: nnx.Rngs | None = None,
+                 _layers: tuple[SparseLinear, SparseLinear] | None = None):
+        if _layers is None:
+            out_features = in_features if out_features is None else out_features
+            kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, sparsity=sparsity,
+                      method=method, format=format, block_size=block_size, n_m=n_m,
+                      kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+            _layers = (SparseLinear(in_features, hidden_features, **kw),
+                       SparseLinear(hidden_features, out_features, **kw))
+        self.fc1, self.fc2 = _layers
+        self.activation = activation
+
+    @classmethod
+    def from_dense(cls, fc1: nnx.Linear, fc2: nnx.Linear, *, activation: Callable = jax.nn.gelu,
+                   **prune_kwargs) -> "SparseMLP":
+        """Prune two ``nnx.Linear`` layers (``from_dense`` options apply to both)."""
+        layers = (SparseLinear.from_dense(fc1, **prune_kwargs),
+                  SparseLinear.from_dense(fc2, **prune_kwargs))
+        return cls(fc1.in_features, fc1.out_features, fc2.out_features, activation=activation,
+                   _layers=layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.activation(self.fc1(x)))
