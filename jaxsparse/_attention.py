@@ -25,6 +25,11 @@ def _entry_coords(pattern: SparseMatrix):
     """Row and column of every stored entry, shaped like the pattern's values."""
     vshape = pattern.values.shape
     if pattern.fmt == "csr":
+        if not isinstance(pattern.indptr, jax.core.Tracer):
+            # Static pattern: on the host (XLA would constant-fold the cumsum, slowly).
+            ip = np.asarray(pattern.indptr)
+            return np.repeat(np.arange(ip.shape[0] - 1, dtype=INDEX_DTYPE), np.diff(ip)), \
+                pattern.indices
         return row_ids(pattern.indptr, vshape[0]), pattern.indices
     if pattern.fmt == "bsr":
         nb, bm, bk = vshape
@@ -58,11 +63,19 @@ def _block_diagonal(pattern: CSR, copies: int) -> CSR:
     """``copies`` copies of a square-or-not CSR pattern along the diagonal (one bigger CSR)."""
     m, k = pattern.shape
     nnz = pattern.indices.shape[0]
+    data = jnp.zeros((copies * nnz,), pattern.dtype)
+    if not any(isinstance(a, jax.core.Tracer) for a in (pattern.indices, pattern.indptr)):
+        # A static pattern: expand on the host (XLA would otherwise constant-fold it, slowly).
+        ix, ip = np.asarray(pattern.indices), np.asarray(pattern.indptr)
+        c = np.arange(copies, dtype=INDEX_DTYPE)[:, None]
+        indices = (ix[None, :] + c * k).reshape(-1)
+        indptr = np.concatenate([(ip[None, :-1] + c * nnz).reshape(-1),
+                                 np.full((1,), copies * nnz, INDEX_DTYPE)])
+        return CSR.tree_unflatten(((copies * m, copies * k), False), (data, indices, indptr))
     c = jnp.arange(copies, dtype=INDEX_DTYPE)[:, None]
     indices = (pattern.indices[None, :] + c * k).reshape(-1)
     indptr = jnp.concatenate([(pattern.indptr[None, :-1] + c * nnz).reshape(-1),
                               jnp.full((1,), copies * nnz, INDEX_DTYPE)])
-    data = jnp.zeros((copies * nnz,), pattern.dtype)
     return CSR.tree_unflatten(((copies * m, copies * k), False), (data, indices, indptr))
 
 
