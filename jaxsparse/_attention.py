@@ -8,7 +8,6 @@ entries (:data:`jaxsparse.sddmm_p`), normalised with a softmax over the stored e
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,9 @@ from jaxsparse._sddmm import sddmm_values
 from jaxsparse._spmm import compute_dtype, spmm
 
 __all__ = ["attention"]
+
+#: Above this many stored entries over all batch elements and heads, heads are mapped over.
+_FOLD_MAX_ENTRIES = 1 << 21
 
 
 def _entry_coords(pattern: SparseMatrix):
@@ -59,29 +61,31 @@ def _softmax_rows(scores, rows, n_rows: int, keep=None, sorted_rows: bool = Fals
     return (p / den[r]).reshape(scores.shape)
 
 
-def _block_diagonal(pattern: CSR, copies: int) -> CSR:
-    """``copies`` copies of a square-or-not CSR pattern along the diagonal (one bigger CSR)."""
+def _block_diagonal(pattern: CSR, copies: int):
+    """``copies`` copies of a CSR pattern along the diagonal (one bigger CSR), and its row ids.
+
+    The expansion runs on device; a static pattern enters as a constant behind an optimization
+    barrier, so XLA neither constant-folds the expansion (slow to compile) nor embeds the
+    ``copies``-times bigger arrays in the program."""
     m, k = pattern.shape
     nnz = pattern.indices.shape[0]
-    data = jnp.zeros((copies * nnz,), pattern.dtype)
-    if not any(isinstance(a, jax.core.Tracer) for a in (pattern.indices, pattern.indptr)):
-        # A static pattern: expand on the host (XLA would otherwise constant-fold it, slowly).
-        ix, ip = np.asarray(pattern.indices), np.asarray(pattern.indptr)
-        c = np.arange(copies, dtype=INDEX_DTYPE)[:, None]
-        indices = (ix[None, :] + c * k).reshape(-1)
-        indptr = np.concatenate([(ip[None, :-1] + c * nnz).reshape(-1),
-                                 np.full((1,), copies * nnz, INDEX_DTYPE)])
-        return CSR.tree_unflatten(((copies * m, copies * k), False), (data, indices, indptr))
+    rows, indices = _entry_coords(pattern)
+    indices, indptr, rows = jax.lax.optimization_barrier(
+        (jnp.asarray(indices), jnp.asarray(pattern.indptr), jnp.asarray(rows)))
     c = jnp.arange(copies, dtype=INDEX_DTYPE)[:, None]
-    indices = (pattern.indices[None, :] + c * k).reshape(-1)
-    indptr = jnp.concatenate([(pattern.indptr[None, :-1] + c * nnz).reshape(-1),
-                              jnp.full((1,), copies * nnz, INDEX_DTYPE)])
-    return CSR.tree_unflatten(((copies * m, copies * k), False), (data, indices, indptr))
+    big_indices = (indices[None, :] + c * k).reshape(-1)
+    big_rows = (rows[None, :] + c * m).reshape(-1)
+    big_indptr = jnp.concatenate([(indptr[None, :-1] + c * nnz).reshape(-1),
+                                  jnp.full((1,), copies * nnz, INDEX_DTYPE)])
+    data = jnp.zeros((copies * nnz,), pattern.dtype)
+    big = CSR.tree_unflatten(((copies * m, copies * k), False), (data, big_indices, big_indptr))
+    return big, big_rows
 
 
-def _single_head(q, k, v, pattern, keep, backend):
+def _single_head(q, k, v, pattern, keep, backend, rows=None):
     """One (batch, head): q [Sq, D] (already scaled), k [Sk, D], v [Sk, Dv] -> [Sq, Dv]."""
-    rows, _ = _entry_coords(pattern)
+    if rows is None:
+        rows, _ = _entry_coords(pattern)
     pattern = pattern.astype(q.dtype)
     s = sddmm_values(q, k, pattern, transpose_rhs=True, backend=backend)
     cd = compute_dtype(s.dtype)
@@ -112,8 +116,10 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
     ``functools.partial(attention, pattern=p)`` serves as ``nnx.MultiHeadAttention``'s
     ``attention_fn``.
 
-    ``fold_heads`` (default: True for CSR) computes all batch elements and heads with one SDDMM and
-    one SpMM on a block-diagonal copy of the pattern; otherwise they are mapped over one by one.
+    ``fold_heads=True`` computes all batch elements and heads with one SDDMM and one SpMM on a
+    block-diagonal copy of the pattern (CSR only); ``False`` maps over them one at a time
+    (``lax.map``), so memory stays O(nnz). The default folds small problems (at most 2M stored
+    entries over all batch elements and heads) and maps over larger ones.
 
     >>> p = jaxsparse.patterns.causal(4)
     >>> q = jnp.ones((1, 4, 2, 8), jnp.float32)
@@ -181,18 +187,24 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
         keep = jnp.broadcast_to(g.astype(bool), (b, h) + g.shape[2:])
 
     if fold_heads is None:
-        fold_heads = pattern.fmt == "csr"
+        # Folding saves kernel launches on small problems; mapping keeps memory O(nnz).
+        fold_heads = pattern.fmt == "csr" and b * h * pattern.nnz <= _FOLD_MAX_ENTRIES
     if fold_heads and pattern.fmt == "csr":
-        big = _block_diagonal(pattern, b * h)
+        big, rows = _block_diagonal(pattern, b * h)
         out = _single_head(q.reshape(b * h * sq, d), k.reshape(b * h * sk, d),
                            v.reshape(b * h * sk, dv), big,
-                           None if keep is None else keep.reshape(-1), backend)
+                           None if keep is None else keep.reshape(-1), backend, rows)
         out = out.reshape(b, h, sq, dv)
     else:
-        fn = functools.partial(_single_head, pattern=pattern, backend=backend)
+        # One (batch, head) at a time: peak memory O(nnz), not O(batch * heads * nnz).
+        rows, _ = _entry_coords(pattern)
+        rows = jax.lax.optimization_barrier(jnp.asarray(rows))
+        qs, ks, vs = (a.reshape(b * h, *a.shape[2:]) for a in (q, k, v))
         if keep is None:
-            one = lambda qq, kk, vv: fn(qq, kk, vv, keep=None)
-            out = jax.vmap(jax.vmap(one))(q, k, v)
+            body = lambda xs: _single_head(*xs, pattern, None, backend, rows)
+            out = jax.lax.map(body, (qs, ks, vs))
         else:
-            out = jax.vmap(jax.vmap(lambda qq, kk, vv, kp: fn(qq, kk, vv, keep=kp)))(q, k, v, keep)
+            body = lambda xs: _single_head(*xs[:3], pattern, xs[3], backend, rows)
+            out = jax.lax.map(body, (qs, ks, vs, keep.reshape(b * h, *keep.shape[2:])))
+        out = out.reshape(b, h, sq, dv)
     return out.transpose(0, 2, 1, 3).reshape(*lead, sq, h, dv)
