@@ -3,6 +3,7 @@
 #ifndef JAXSPARSE_COMMON_H_
 #define JAXSPARSE_COMMON_H_
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <mutex>
 #include <string>
 
+#include "isa.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxsparse {
@@ -140,8 +142,28 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
   return ffi::Error::Success();
 }
 
+// Kernel element type of an FFI dtype, or -1; and its size in bytes.
+inline int DtOf(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F32: return kF32;
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F64: return kF64;
+    case ffi::DataType::F16: return kF16;
+    default: return -1;
+  }
+}
+inline int64_t DtSize(int dt) { return dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
+
 // ---------------------------------------------------------------------------
 // Parallel loop on XLA's intra-op thread pool.
+
+// Threads a kernel may use: XLA's pool (which counts the calling thread's share), capped by
+// SetMaxThreads (jaxsparse.ffi.set_max_threads, used by the tests and benchmarks).
+inline int64_t NumThreads(ffi::ThreadPool& pool) {
+  int64_t n = std::max<int64_t>(1, pool.num_threads());
+  const int64_t cap = MaxThreads();
+  return cap > 0 ? std::min(n, cap) : n;
+}
 //
 // Runs fn(task) for task in [0, n_tasks). The calling thread takes part, claiming tasks from a
 // shared counter like the pool threads do, so the loop finishes even when no pool thread is free
@@ -150,7 +172,7 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
   if (n_tasks <= 0) return;
-  const int64_t n_threads = pool.num_threads();
+  const int64_t n_threads = NumThreads(pool);
   if (n_tasks == 1 || n_threads <= 1) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(t);
     return;

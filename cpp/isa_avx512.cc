@@ -1,0 +1,14 @@
+// The kernels of isa_kernels.inc built for avx512 (see CMakeLists.txt for the compiler flags).
+#define JS_NS isa_avx512
+#define JS_LEVEL 512
+#include "isa_kernels.inc"
+
+namespace jaxsparse {
+
+const IsaKernels& KernelsAvx512() {
+  static const IsaKernels k{"avx512", isa_avx512::SpmmRows, isa_avx512::SpmvRows, isa_avx512::SddmmRows,
+                            isa_avx512::Transpose};
+  return k;
+}
+
+}  // namespace jaxsparse
