@@ -7,6 +7,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -132,7 +133,11 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
                                        std::to_string(nnz) + ", got " +
                                        std::to_string(indptr[rows]));
   }
-  for (int64_t p = 0; p < nnz; ++p) {
+  // Branch-free pass first (vectorizes); locate the culprit only when something is wrong.
+  uint32_t any_bad = 0;
+  const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(n_cols, INT32_MAX));
+  for (int64_t p = 0; p < nnz; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(indices[p]) >= limit);
+  for (int64_t p = 0; any_bad != 0 && p < nnz; ++p) {
     if (indices[p] < 0 || indices[p] >= n_cols) {
       return ffi::Error::InvalidArgument(
           std::string(what) + ": indices[" + std::to_string(p) + "]=" +
