@@ -31,6 +31,7 @@ struct SpmmProblem {
   int64_t bm, bk;                // bsr block size (1, 1 otherwise)
   const void* b;                 // [K, N]
   int64_t ldb;
+  bool b_f32;                    // b holds float32 (a widened copy of a half-type operand)
   int64_t n;
 };
 

@@ -8,6 +8,7 @@
 // a thread-local buffer that is transposed into out[:, rows] while still in cache. N = 1 (a
 // matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,31 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
     return;
   }
 
+  // Half types: B widened to float32 once (see SpmmRowsT); for nk, widened then transposed.
+  const bool widen = p.dt == kBF16 || p.dt == kF16;
+  const int panel_dt = widen ? kF32 : p.dt;
+  const int64_t panel_esz = DtSize(panel_dt);
+  std::vector<float> wide;
+  if (widen) {
+    wide.resize(static_cast<size_t>(s.k * s.n));
+    const int64_t total = s.k * s.n, chunk = 1 << 14;
+    ParallelFor(pool, threads > 1 ? (total + chunk - 1) / chunk : 1, [&](int64_t c) {
+      const int64_t e0 = threads > 1 ? c * chunk : 0;
+      const int64_t e1 = threads > 1 ? std::min(total, e0 + chunk) : total;
+      const uint16_t* h = static_cast<const uint16_t*>(b);
+      if (p.dt == kBF16) {
+        for (int64_t e = e0; e < e1; ++e) {
+          const uint32_t u = static_cast<uint32_t>(h[e]) << 16;
+          std::memcpy(&wide[e], &u, 4);
+        }
+      } else {
+        for (int64_t e = e0; e < e1; ++e) wide[e] = ToFloat(f16_t{h[e]});
+      }
+    });
+    b = wide.data();
+    p.b_f32 = true;
+  }
+
   if (!nk) {
     p.b = b;
     p.ldb = s.n;
@@ -108,14 +134,15 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   }
 
   // nk: panel = B.T, [K, N].
-  std::vector<char> panel(static_cast<size_t>(s.k * s.n * esz));
+  std::vector<char> panel(static_cast<size_t>(s.k * s.n * panel_esz));
   constexpr int64_t kPanelRows = 32;
   const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
+  const IsaKernels& tkern = SelectKernels(panel_dt);
   ParallelFor(pool, threads > 1 ? n_chunks : 1, [&](int64_t c) {
     const int64_t n0 = threads > 1 ? c * kPanelRows : 0;
     const int64_t n1 = threads > 1 ? std::min(s.n, n0 + kPanelRows) : s.n;
-    kern.transpose(p.dt, static_cast<const char*>(b) + n0 * s.k * esz, n1 - n0, s.k, s.k,
-                   panel.data() + n0 * esz, s.n);
+    tkern.transpose(panel_dt, static_cast<const char*>(b) + n0 * s.k * panel_esz, n1 - n0, s.k,
+                    s.k, panel.data() + n0 * panel_esz, s.n);
   });
   p.b = panel.data();
   p.ldb = s.n;
