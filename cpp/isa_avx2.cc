@@ -1,6 +1,10 @@
 // The kernels of isa_kernels.inc built for avx2 (see CMakeLists.txt for the compiler flags).
 #define JS_NS isa_avx2
+#if defined(__AVX2__) && defined(__FMA__)
 #define JS_LEVEL 256
+#else  // not x86-64 (CMakeLists.txt gives no flags): a portable copy that is never selected
+#define JS_LEVEL 0
+#endif
 #include "isa_kernels.inc"
 
 namespace jaxsparse {
