@@ -114,8 +114,9 @@ bool DispatchFloat(ffi::DataType dtype, Fn&& fn) {
 
 // indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz; every index in
 // [0, n_cols).
-inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const int32_t* indices,
-                                     int64_t nnz, int64_t n_cols, const char* what) {
+template <typename Index>
+ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const Index* indices,
+                              int64_t nnz, int64_t n_cols, const char* what) {
   if (indptr[0] != 0) {
     return ffi::Error::InvalidArgument(std::string(what) + ": indptr[0] must be 0, got " +
                                        std::to_string(indptr[0]));
@@ -138,7 +139,7 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
   const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(n_cols, INT32_MAX));
   for (int64_t p = 0; p < nnz; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(indices[p]) >= limit);
   for (int64_t p = 0; any_bad != 0 && p < nnz; ++p) {
-    if (indices[p] < 0 || indices[p] >= n_cols) {
+    if (static_cast<int64_t>(indices[p]) < 0 || static_cast<int64_t>(indices[p]) >= n_cols) {
       return ffi::Error::InvalidArgument(
           std::string(what) + ": indices[" + std::to_string(p) + "]=" +
           std::to_string(indices[p]) + " is out of range [0, " + std::to_string(n_cols) + ")");

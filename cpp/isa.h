@@ -24,6 +24,7 @@ struct SpmmProblem {
   int dt;
   const void* data;              // csr [nnz], bsr [nblocks, bm, bk], nm [M, slots]
   const int32_t* indices;        // csr / bsr
+  const uint16_t* indices16;     // csr packed by jaxsparse.pack (then indices is null)
   const int32_t* indptr;         // csr / bsr
   const uint8_t* positions;      // nm [M, slots]
   const int32_t* group_base;     // nm [slots]: first column of each slot's group (s / n * m)

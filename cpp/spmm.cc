@@ -159,7 +159,8 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   });
 }
 
-ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S32> indices,
+// indices are int32, or uint16 for a matrix packed by jaxsparse.pack (K <= 65536).
+ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer indices,
                    ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, bool nk) {
   const int64_t rows = static_cast<int64_t>(indptr.element_count()) - 1;
@@ -171,16 +172,25 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S
     return ffi::Error::InvalidArgument("csr_spmm: inconsistent data, indices and indptr");
   }
   if (auto err = CheckDense("csr_spmm", b, out, rows, nk, dt, &k, &n); err.failure()) return err;
-  if (auto err = ValidateCompressed(indptr.typed_data(), rows, indices.typed_data(), nnz, k,
-                                    "csr_spmm");
-      err.failure()) {
-    return err;
-  }
   SpmmProblem p{};
+  if (indices.element_type() == ffi::DataType::S32) {
+    p.indices = static_cast<const int32_t*>(indices.untyped_data());
+    if (auto err = ValidateCompressed(indptr.typed_data(), rows, p.indices, nnz, k, "csr_spmm");
+        err.failure()) {
+      return err;
+    }
+  } else if (indices.element_type() == ffi::DataType::U16) {
+    p.indices16 = static_cast<const uint16_t*>(indices.untyped_data());
+    if (auto err = ValidateCompressed(indptr.typed_data(), rows, p.indices16, nnz, k, "csr_spmm");
+        err.failure()) {
+      return err;
+    }
+  } else {
+    return ffi::Error::InvalidArgument("csr_spmm: indices must be int32 or uint16");
+  }
   p.fmt = kCsr;
   p.dt = dt;
   p.data = data.untyped_data();
-  p.indices = indices.typed_data();
   p.indptr = indptr.typed_data();
   p.bm = p.bk = 1;
   RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(), out->untyped_data());
@@ -273,7 +283,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kCsrSpmm, CsrSpmm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // data [nnz]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices [nnz]
+                                  .Arg<ffi::AnyBuffer>()         // indices [nnz] int32 / uint16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M + 1]
                                   .Arg<ffi::AnyBuffer>()         // b: kn [K, N], nk [N, K]
                                   .Ret<ffi::AnyBuffer>()         // out: kn [M, N], nk [N, M]

@@ -9,11 +9,12 @@ from jaxsparse._config import BACKENDS, get_backend, use_backend
 from jaxsparse._formats import BSR, CSR, NM, SparseMatrix
 from jaxsparse._sddmm import sddmm, sddmm_p
 from jaxsparse._spmm import matmul, spmm_p
+from jaxsparse._pack import PackedCSR, pack
 from jaxsparse import dlmc, ffi  # ffi registers the native CPU kernels and lowerings
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BSR", "CSR", "NM", "SparseMatrix", "dlmc", "ffi", "get_backend", "matmul", "sddmm",
-    "sddmm_p", "spmm_p", "use_backend",
+    "BACKENDS", "BSR", "CSR", "NM", "PackedCSR", "SparseMatrix", "dlmc", "ffi", "get_backend",
+    "matmul", "pack", "sddmm", "sddmm_p", "spmm_p", "use_backend",
 ]

@@ -234,3 +234,48 @@ def test_large_k_and_long_rows(rng):
     x = rng.standard_normal(k).astype(np.float32)
     assert_close(jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="ffi"))(a, x),
                  s.astype(np.float64) @ x.astype(np.float64), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# jaxsparse.pack: 16-bit column indices for fixed weights.
+
+
+def test_pack_matches_unpacked_on_every_path(rng):
+    a, a64 = _skewed(rng, (40, 300), "csr", jnp.float32)
+    p = jaxsparse.pack(a)
+    assert isinstance(p, jaxsparse.PackedCSR) and p.indices.dtype == np.uint16
+    assert jaxsparse.pack(p) is p
+    for n in (1, 37):
+        for fn, x, expected in _products(p, n, rng, jnp.float32):
+            assert "jaxsparse_csr_spmm" in fn.lower(p, x).as_text()
+            for name in ISAS:
+                with isa(name):
+                    assert_close(fn(p, x), expected, jnp.float32)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    ref = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference"))(p, x)
+    assert_close(ref, a64 @ x, jnp.float32)
+    # Gradients with respect to the values (reference SDDMM on the packed pattern).
+    g = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(p.with_values(v), x)))(p.data)
+    g_ref = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(a.with_values(v), x)))(a.data)
+    assert_close(g, np.asarray(g_ref, np.float64), jnp.float32)
+
+
+def test_pack_leaves_other_formats_and_large_k():
+    b = jaxsparse.BSR.fromdense(jnp.ones((4, 4), jnp.float32), block_size=(2, 2))
+    assert jaxsparse.pack(b) is b
+    import scipy.sparse as sp
+    wide = jaxsparse.CSR.from_scipy(sp.eye(2, 70000, format="csr", dtype=np.float32))
+    assert jaxsparse.pack(wide) is wide
+    with pytest.raises(TypeError, match="pack: expected a jaxsparse matrix"):
+        jaxsparse.pack(np.ones((2, 2)))
+
+
+def test_malformed_packed_indices_in_jit():
+    @jax.jit
+    def f(indices):
+        p = jaxsparse.PackedCSR.tree_unflatten(((2, 6), False), (
+            jnp.ones(3, jnp.float32), indices, jnp.array([0, 2, 3], jnp.int32)))
+        return jaxsparse.matmul(p, jnp.ones((6,), jnp.float32), backend="ffi")
+
+    with pytest.raises(Exception, match=r"csr_spmm: indices\[2\]=9 is out of range \[0, 6\)"):
+        jax.block_until_ready(f(jnp.array([0, 1, 9], jnp.uint16)))

@@ -128,6 +128,8 @@ def _spmm_kernel(avals, params):
 def _sddmm_kernel(avals, params):
     if params["fmt"] not in ("csr", "bsr"):
         return None, f"no native {params['fmt']} SDDMM kernel"
+    if avals[2].dtype != np.int32:
+        return None, f"no native SDDMM kernel for {avals[2].dtype} (packed) indices"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SDDMM kernel for {avals[0].dtype}"
     return _sddmm_native, None
