@@ -77,6 +77,9 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   const IsaKernels& kern = SelectKernels(p.dt);
   const int64_t threads = NumThreads(pool);
   const int64_t esz = DtSize(p.dt);
+  // Preparation passes over B (widening, the nk panel) run on the calling thread when B is
+  // small: waking a pool thread costs more than it saves there.
+  const bool split_prep = threads > 1 && s.k * s.n > (int64_t{1} << 20);
   const std::vector<int64_t> parts =
       Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows, threads);
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
@@ -107,9 +110,9 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   if (widen) {
     wide.resize(static_cast<size_t>(s.k * s.n));
     const int64_t total = s.k * s.n, chunk = 1 << 14;
-    ParallelFor(pool, threads > 1 ? (total + chunk - 1) / chunk : 1, [&](int64_t c) {
-      const int64_t e0 = threads > 1 ? c * chunk : 0;
-      const int64_t e1 = threads > 1 ? std::min(total, e0 + chunk) : total;
+    ParallelFor(pool, split_prep ? (total + chunk - 1) / chunk : 1, [&](int64_t c) {
+      const int64_t e0 = split_prep ? c * chunk : 0;
+      const int64_t e1 = split_prep ? std::min(total, e0 + chunk) : total;
       const uint16_t* h = static_cast<const uint16_t*>(b);
       if (p.dt == kBF16) {
         for (int64_t e = e0; e < e1; ++e) {
@@ -138,9 +141,9 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   constexpr int64_t kPanelRows = 32;
   const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
   const IsaKernels& tkern = SelectKernels(panel_dt);
-  ParallelFor(pool, threads > 1 ? n_chunks : 1, [&](int64_t c) {
-    const int64_t n0 = threads > 1 ? c * kPanelRows : 0;
-    const int64_t n1 = threads > 1 ? std::min(s.n, n0 + kPanelRows) : s.n;
+  ParallelFor(pool, split_prep ? n_chunks : 1, [&](int64_t c) {
+    const int64_t n0 = split_prep ? c * kPanelRows : 0;
+    const int64_t n1 = split_prep ? std::min(s.n, n0 + kPanelRows) : s.n;
     tkern.transpose(panel_dt, static_cast<const char*>(b) + n0 * s.k * panel_esz, n1 - n0, s.k,
                     s.k, panel.data() + n0 * panel_esz, s.n);
   });
