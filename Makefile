@@ -16,6 +16,9 @@ $(VENV)/.deps: requirements-dev.txt
 
 install: $(VENV)/.deps
 	$(VPY) -m pip install -q --no-build-isolation --no-deps .
+	# Also place the built extension in the source tree (git-ignored), so that running from the
+	# repository root (python -m jaxsparse.bench, examples) finds the native kernels too.
+	cp build/*/_jaxsparse_cpu*.so jaxsparse/ffi/
 
 demo: install
 	$(VPY) examples/spmm_demo.py

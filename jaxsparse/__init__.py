@@ -11,10 +11,11 @@ from jaxsparse._sddmm import sddmm, sddmm_p
 from jaxsparse._spmm import matmul, spmm_p
 from jaxsparse._pack import PackedCSR, pack
 from jaxsparse import dlmc, ffi  # ffi registers the native CPU kernels and lowerings
+from jaxsparse import pallas  # Pallas GPU kernels (+ interpret mode); chains after ffi's CPU rule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BSR", "CSR", "NM", "PackedCSR", "SparseMatrix", "dlmc", "ffi", "get_backend",
-    "matmul", "pack", "sddmm", "sddmm_p", "spmm_p", "use_backend",
+    "matmul", "pack", "pallas", "sddmm", "sddmm_p", "spmm_p", "use_backend",
 ]

@@ -12,8 +12,10 @@ import threading
 
 #: ``auto`` picks the fastest implementation available on the platform (the native CPU kernels on
 #: CPU, falling back to the reference where a kernel does not apply); ``reference`` is the pure-JAX
-#: implementation valid on every platform; ``ffi`` requires the native CPU kernels.
-BACKENDS = ("auto", "reference", "ffi")
+#: implementation valid on every platform; ``ffi`` requires the native CPU kernels; ``pallas`` the
+#: Pallas (Triton) GPU kernels, ``pallas-interpret`` the same kernels in interpret mode on any
+#: platform (slow; for testing). ``auto`` on a GPU uses the Pallas kernels where they apply.
+BACKENDS = ("auto", "reference", "ffi", "pallas", "pallas-interpret")
 
 _ENV_VAR = "JAXSPARSE_BACKEND"
 _local = threading.local()

@@ -196,6 +196,9 @@ batching.primitive_batchers[sddmm_p] = _sddmm_batch
 
 
 def _default_lowering(ctx, *args, **params):
+    if params["backend"] in ("pallas", "pallas-interpret"):
+        from jaxsparse.pallas._lowering import default_sddmm_lowering
+        return default_sddmm_lowering(ctx, *args, **params)
     if params["backend"] == "ffi":
         raise NotImplementedError(
             "jaxsparse backend 'ffi' needs the native CPU kernels on the CPU platform; "

@@ -334,6 +334,9 @@ batching.primitive_batchers[spmm_p] = _spmm_batch
 
 
 def _default_lowering(ctx, *args, **params):
+    if params["backend"] in ("pallas", "pallas-interpret"):
+        from jaxsparse.pallas._lowering import default_spmm_lowering
+        return default_spmm_lowering(ctx, *args, **params)
     if params["backend"] == "ffi":
         raise NotImplementedError(
             "jaxsparse backend 'ffi' needs the native CPU kernels on the CPU platform; "
