@@ -183,7 +183,8 @@ def check_pattern(pattern, fmt, shape, nm, where):
             raise TypeError(f"{where}: {fmt} needs (indices, indptr), got {len(pattern)} arrays")
         indices, indptr = pattern
         for name, arr in (("indices", indices), ("indptr", indptr)):
-            if arr.dtype != np.int32 or arr.ndim != 1:
+            packed = fmt == "csr" and name == "indices" and arr.dtype == np.uint16  # pack()
+            if (arr.dtype != np.int32 and not packed) or arr.ndim != 1:
                 raise TypeError(f"{where}: {name} must be 1-D int32, got "
                                 f"{name}.shape={arr.shape}, {name}.dtype={arr.dtype}")
         if fmt == "csr":
