@@ -21,7 +21,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, row_ids
+from jaxsparse._formats import SparseMatrix, check_pattern_runtime, row_ids
 from jaxsparse._spmm import (check_bsr_blocks, check_pattern, compute_dtype, coo_index,
                              map_over_batch, spmm_p)
 
@@ -86,7 +86,9 @@ def sddmm_values(lhs, rhs, pattern: SparseMatrix, *, transpose_lhs=False, transp
 
 def sddmm_reference(lhs, rhs, *pattern, fmt, shape, nm, block, transpose_lhs, transpose_rhs,
                     backend=None):
-    """Pure-JAX SDDMM with the semantics of :data:`sddmm_p`."""
+    """Pure-JAX SDDMM with the semantics of :data:`sddmm_p` (the pattern is checked at run time
+    first, see :func:`jaxsparse._formats.check_pattern_runtime`)."""
+    check_pattern_runtime(pattern, fmt, shape, nm, block, where="sddmm")
     out_dtype = lhs.dtype
     cd = compute_dtype(out_dtype)
     lm = (lhs.T if transpose_lhs else lhs).astype(cd)  # [M, K]

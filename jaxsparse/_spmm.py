@@ -23,7 +23,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, nm_columns, row_ids
+from jaxsparse._formats import SparseMatrix, check_pattern_runtime, nm_columns, row_ids
 
 __all__ = ["spmm_p", "matmul", "spmm"]
 
@@ -138,8 +138,17 @@ def compute_dtype(dtype):
 
 
 def spmm_reference(data, *rest, fmt, shape, nm, transpose_a, layout, backend=None):
-    """Pure-JAX SpMM with the semantics of :data:`spmm_p`."""
+    """Pure-JAX SpMM with the semantics of :data:`spmm_p`.
+
+    The pattern is checked at run time first (:func:`check_pattern_runtime`): XLA gathers clamp
+    and scatters drop out-of-range indices, so without it a malformed traced pattern would give a
+    quiet wrong answer. Only stored entries are multiplied: a structural zero of ``A`` times a NaN
+    or Inf of ``b`` contributes nothing (a dense product would give NaN); a stored zero does give
+    NaN, as in a dense product.
+    """
     *pattern, b = rest
+    block = data.shape[1:] if fmt == "bsr" else None
+    check_pattern_runtime(pattern, fmt, shape, nm, block, where="spmm")
     out_dtype = data.dtype
     cd = compute_dtype(out_dtype)
     data, b = data.astype(cd), b.astype(cd)
