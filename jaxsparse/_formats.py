@@ -13,6 +13,7 @@ and the kernels check values at run time.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -525,9 +526,9 @@ class NM(SparseMatrix):
             p = np.asarray(positions).astype(np.int64)
             if p.size and (p.min() < 0 or p.max() >= m):
                 bad = np.argwhere((p < 0) | (p >= m))[0]
-                raise ValueError(f"{name}: positions{tuple(bad.tolist())}={p[tuple(bad)]} is out of "
+                raise ValueError(f"{name}: positions[{bad[0]}, {bad[1]}]={p[tuple(bad)]} is out of "
                                  f"range [0, {m})")
-            g = p.reshape(shape[0], -1, n)
+            g = p.reshape(shape[0], shape[1] // m, n)
             if n > 1 and (np.diff(g, axis=-1) <= 0).any():
                 bad = np.argwhere(np.diff(g, axis=-1) <= 0)[0]
                 raise ValueError(f"{name}: positions must increase within each group of {n}; row "
@@ -597,8 +598,8 @@ class NM(SparseMatrix):
         # Rank by magnitude (nonzeros first, ties by position), keep n, restore column order.
         score = jnp.abs(groups.astype(jnp.float32))
         keep = jnp.sort(jnp.argsort(-score, axis=-1, stable=True)[..., :n], axis=-1)
-        values = jnp.take_along_axis(groups, keep, axis=-1).reshape(rows, -1)
-        positions = keep.astype(POSITION_DTYPE).reshape(rows, -1)
+        values = jnp.take_along_axis(groups, keep, axis=-1).reshape(rows, k // m * n)
+        positions = keep.astype(POSITION_DTYPE).reshape(rows, k // m * n)
         return cls((values, positions), shape=(rows, k), n=n, m=m)
 
     @classmethod
@@ -671,7 +672,13 @@ def check_pattern_runtime(pattern, fmt: str, shape, nm=None, block=None, *, wher
     up, which is the meaning a COO-like reading gives them.) Cost O(nnz + rows), and a host
     callback only when a check fails. Use it at the start of every lowering that does not
     validate on its own (the pure-JAX reference, Pallas kernels).
+
+    The host callback adds to XLA's compile time (a few tenths of a second per compiled
+    computation on a small CPU); ``JAXSPARSE_RUNTIME_CHECKS=0`` in the environment (read when a
+    computation is lowered) turns the check off for code whose patterns are known to be valid.
     """
+    if os.environ.get("JAXSPARSE_RUNTIME_CHECKS", "1") == "0":
+        return
     m, k = shape
     if fmt == "nm":
         (positions,) = pattern

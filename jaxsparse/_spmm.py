@@ -15,6 +15,7 @@ of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ def _dense_sparse(x, a: SparseMatrix, backend: str):
         raise ValueError(f"matmul: contraction dimensions do not match: dense a.shape={x.shape}, "
                          f"sparse b.shape={a.shape} (need a.shape[-1] == {m})")
     lead = x.shape[:-1]
-    out = spmm(a, x.reshape(-1, m), transpose_a=not a.transposed, layout="nk", backend=backend)
+    out = spmm(a, x.reshape(math.prod(lead), m), transpose_a=not a.transposed, layout="nk", backend=backend)
     return out.reshape(*lead, k)
 
 
@@ -155,19 +156,20 @@ def spmm_reference(data, *rest, fmt, shape, nm, transpose_a, layout, backend=Non
     if layout == "nk":
         b = b.T
     m, k = shape
+    n = b.shape[1]  # explicit sizes below: a -1 in reshape fails when another dimension is 0
     if fmt == "bsr":
         indices, indptr = pattern
         bm, bk = data.shape[1:]
         brows = row_ids(indptr, indices.shape[0])
         hi = jax.lax.Precision.HIGHEST
         if not transpose_a:
-            g = b.reshape(k // bk, bk, -1)[indices]
+            g = b.reshape(k // bk, bk, n)[indices]
             prod = jnp.einsum("zij,zjn->zin", data, g, precision=hi)
-            out = jax.ops.segment_sum(prod, brows, num_segments=m // bm).reshape(m, -1)
+            out = jax.ops.segment_sum(prod, brows, num_segments=m // bm).reshape(m, n)
         else:
-            g = b.reshape(m // bm, bm, -1)[brows]
+            g = b.reshape(m // bm, bm, n)[brows]
             prod = jnp.einsum("zij,zin->zjn", data, g, precision=hi)
-            out = jax.ops.segment_sum(prod, indices, num_segments=k // bk).reshape(k, -1)
+            out = jax.ops.segment_sum(prod, indices, num_segments=k // bk).reshape(k, n)
     else:
         rows, cols = coo_index(pattern, fmt, shape, nm)
         vals = data.reshape(-1)
@@ -307,8 +309,9 @@ def _spmm_batch(args, dims, *, fmt, shape, nm, transpose_a, layout, backend):
         b = jnp.moveaxis(b, b_dim, 0)
         nb = b.shape[0]
         if layout == "nk":
-            out = spmm_p.bind(*sparse_args, b.reshape(-1, b.shape[-1]), **params)
-            return out.reshape(nb, -1, out.shape[-1]), 0
+            rows, kk = b.shape[1:]
+            out = spmm_p.bind(*sparse_args, b.reshape(nb * rows, kk), **params)
+            return out.reshape(nb, rows, out.shape[-1]), 0
         kk, n = b.shape[1:]
         folded = jnp.moveaxis(b, 0, 1).reshape(kk, nb * n)
         out = spmm_p.bind(*sparse_args, folded, **params)
