@@ -10,10 +10,11 @@ from jaxsparse._formats import BSR, CSR, NM, SparseMatrix
 from jaxsparse._sddmm import sddmm, sddmm_p
 from jaxsparse._spmm import matmul, spmm_p
 from jaxsparse import dlmc, ffi  # ffi registers the native CPU kernels and lowerings
+from jaxsparse import sharding
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BSR", "CSR", "NM", "SparseMatrix", "dlmc", "ffi", "get_backend", "matmul", "sddmm",
-    "sddmm_p", "spmm_p", "use_backend",
+    "sddmm_p", "sharding", "spmm_p", "use_backend",
 ]

@@ -23,7 +23,7 @@ from jax.extend.core import Primitive
 from jaxsparse import _config
 from jaxsparse._formats import SparseMatrix, check_pattern_runtime, row_ids
 from jaxsparse._spmm import (check_bsr_blocks, check_pattern, compute_dtype, coo_index,
-                             map_over_batch, spmm_p)
+                             map_over_batch, out_aval, spmm_p)
 
 __all__ = ["sddmm_p", "sddmm"]
 
@@ -133,7 +133,7 @@ def _sddmm_abstract_eval(lhs, rhs, *pattern, fmt, shape, nm, block, transpose_lh
     if lk != rk or (lm, rn) != tuple(shape):
         raise ValueError(f"sddmm: op(lhs) is {(lm, lk)} and op(rhs) is {(rk, rn)}; their product "
                          f"must match the pattern shape {tuple(shape)}")
-    return jax.core.ShapedArray(out_shape, lhs.dtype)
+    return out_aval(out_shape, lhs.dtype, lhs, rhs, *pattern)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,6 +224,21 @@ def check_bsr_blocks(indptr, shape, block, where):
                          f"{shape[0] // bm} block rows (shape={shape}, block={block})")
 
 
+def out_aval(shape, dtype, *avals):
+    """The output aval, carrying the inputs' varying manual axes: inside ``shard_map`` a value that
+    varies over a mesh axis must be typed so, or transposes (``grad``) fail with "Expected
+    cotangent type float32[...]{V:x}". Takes the input that varies over the most axes."""
+    def varying(a):
+        return getattr(getattr(a, "manual_axis_type", None), "varying", None) or frozenset()
+
+    best = max(avals, key=lambda a: len(varying(a)), default=None)
+    if best is None or not varying(best):
+        return jax.core.ShapedArray(shape, dtype)
+    spec = jax.sharding.PartitionSpec(*([None] * len(shape)))
+    return best.update(shape=tuple(shape), dtype=dtype, weak_type=False,
+                       sharding=best.sharding.update(spec=spec))
+
+
 def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backend):
     *pattern, b = rest
     want = check_pattern(pattern, fmt, shape, nm, "spmm")
@@ -246,7 +261,7 @@ def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backen
                          f"(transpose_a={transpose_a}), b.shape={b.shape} (layout={layout!r})")
     n = b.shape[1] if layout == "kn" else b.shape[0]
     out_shape = (rows, n) if layout == "kn" else (n, rows)
-    return jax.core.ShapedArray(out_shape, data.dtype)
+    return out_aval(out_shape, data.dtype, data, *rest)
 
 
 # ----------------------------------------------------------------------------------------------
