@@ -42,6 +42,10 @@ def sddmm(a, b, pattern: SparseMatrix, *, backend: str | None = None) -> SparseM
     transposed pattern works too). For ``q @ k.T`` pass ``k.T``: inside ``jit`` the transpose is
     folded into the kernel call.
 
+    NaN and Inf: the result equals the dense product sampled at the pattern, so a NaN in row ``i``
+    of ``a`` reaches only the stored entries of row ``i`` (and a NaN in column ``j`` of ``b`` only
+    those of column ``j``); entries outside the pattern are never computed.
+
     >>> p = jaxsparse.CSR.fromdense(jnp.eye(2))
     >>> jaxsparse.sddmm(jnp.ones((2, 3)), jnp.ones((3, 2)), p).data.tolist()
     [3.0, 3.0]

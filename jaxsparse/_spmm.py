@@ -49,6 +49,15 @@ def matmul(a, b, *, backend: str | None = None):
     Operands are promoted to a common dtype as ``jnp.matmul`` does; half types accumulate in
     float32. ``backend`` overrides :func:`jaxsparse.use_backend` for this call.
 
+    NaN and Inf: only *stored* entries are multiplied, so a structural zero of the sparse operand
+    times a NaN/Inf of the dense one contributes nothing, where a dense product would give NaN
+    (``0 * nan``). A stored zero (an explicit zero, a zero inside a stored BSR block, an unused
+    N:M slot) does give NaN, as in a dense product. NaN/Inf in the sparse values propagate as usual.
+
+    Malformed patterns (indices out of range, ``indptr`` not monotone or not ending at nnz, N:M
+    positions >= m) raise: at construction for concrete arrays, and at run time from inside
+    ``jit`` when the matrix was built from traced arrays.
+
     >>> a = jaxsparse.CSR.fromdense(jnp.eye(3))
     >>> (a @ jnp.ones(3)).tolist()
     [1.0, 1.0, 1.0]
