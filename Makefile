@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test install bench-cpu sanitize
+# `make test` leaves out the tests marked slow (repeats of the shared cases under other backends);
+# `make test-all` runs everything.
+.PHONY: demo test test-all install sanitize
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ demo: install
 	$(VPY) examples/spmm_demo.py
 
 test: install
+	$(VENV)/bin/pytest -q -n 2 -m "not slow"
+
+test-all: install
 	$(VENV)/bin/pytest -q -n 2
 
 # ASan + UBSan: builds the C++ extension with -DJAXSPARSE_SANITIZE=ON into its own build and

@@ -6,6 +6,8 @@ inputs* the op sees, so the tolerance only has to cover accumulation and output 
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,3 +105,31 @@ def dlmc_files(sparsities=("0.7", "0.9"), per_level=2):
         pytest.skip(f"DLMC patterns not found under {jaxsparse.dlmc.root().resolve()} "
                     f"(set JAXSPARSE_DLMC)")
     return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Quick and slow runs: `make test` deselects tests marked slow; `make test-all` runs them too.
+
+
+def slow(fn):
+    """``fn`` with the ``slow`` mark added, without touching the (base class's) original."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    wrapper.pytestmark = [*getattr(fn, "pytestmark", []), pytest.mark.slow.mark]
+    return wrapper
+
+
+def quick_only(base, keep=()):
+    """Class decorator: every test of ``base`` that the subclass neither redefines nor lists in
+    ``keep`` is marked ``slow`` (for backend subclasses whose full run repeats another's)."""
+
+    def decorate(cls):
+        for name in dir(base):
+            if name.startswith("test_") and name not in cls.__dict__ and name not in keep:
+                setattr(cls, name, slow(getattr(base, name)))
+        return cls
+
+    return decorate

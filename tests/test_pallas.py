@@ -8,7 +8,6 @@ the GPU uses (BSR blocks 16..128, layouts kn and nk, empty rows, nnz = 0), the m
 preprocessing and block-sparse attention. GPU-only tests skip without a GPU.
 """
 
-import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 import jaxsparse
 from jaxsparse import pallas as jsp
-from sparse_testing import assert_close, rounded
+from sparse_testing import assert_close, quick_only, rounded, slow
 from test_sddmm import SddmmTestBase
 from test_spmm import SpmmTestBase
 
@@ -26,38 +25,13 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 pytestmark = pytest.mark.filterwarnings("ignore:jaxsparse pallas. no .* kernel applies")
 
 
-def _slow(fn):
-    """``fn`` with the ``slow`` mark added, without touching the base class's function."""
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        return fn(self, *args, **kwargs)
-
-    wrapper.pytestmark = [*getattr(fn, "pytestmark", []), pytest.mark.slow.mark]
-    return wrapper
-
-
-def _quick_only(base):
-    """Class decorator: every test of ``base`` the subclass does not redefine is marked ``slow``.
-
-    Under ``pallas-interpret`` the base cases in float64 (most of them) reach the reference
-    fallback only, repeating the reference run under a slower lowering; the quick run keeps the
-    ones redefined here, which reach the kernels."""
-
-    def decorate(cls):
-        for name in dir(base):
-            if name.startswith("test_") and name not in cls.__dict__:
-                setattr(cls, name, _slow(getattr(base, name)))
-        return cls
-
-    return decorate
-
-
-@_quick_only(SpmmTestBase)
+@quick_only(SpmmTestBase)
 class TestSpmmPallasInterpret(SpmmTestBase):
     backend = BACKEND
 
-    # The cases that reach the CSR and N:M kernels (transpose_a=False: A@X, x@W.T); the full
+    # Under pallas-interpret the float64 base cases (most of them) reach the reference fallback
+    # only, repeating the reference run under a slower lowering; the quick run keeps the cases
+    # that reach the CSR and N:M kernels (transpose_a=False: A@X, x@W.T); the full
     # dtype x form grid stays as test_dtypes_all (slow). BSR: the targeted tests below.
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
     @pytest.mark.parametrize("form", ["A@X", "x@W.T"])
@@ -65,11 +39,11 @@ class TestSpmmPallasInterpret(SpmmTestBase):
     def test_dtypes(self, rng, fmt, form, dtype):
         SpmmTestBase.test_dtypes(self, rng, fmt, form, dtype)
 
-    test_dtypes_all = _slow(SpmmTestBase.test_dtypes)
+    test_dtypes_all = slow(SpmmTestBase.test_dtypes)
     test_errors = SpmmTestBase.test_errors
 
 
-@_quick_only(SddmmTestBase)
+@quick_only(SddmmTestBase)
 class TestSddmmPallasInterpret(SddmmTestBase):
     backend = BACKEND
 
@@ -77,7 +51,7 @@ class TestSddmmPallasInterpret(SddmmTestBase):
     def test_dtypes(self, rng, dtype):
         SddmmTestBase.test_dtypes(self, rng, "csr", dtype)
 
-    test_dtypes_all = _slow(SddmmTestBase.test_dtypes)
+    test_dtypes_all = slow(SddmmTestBase.test_dtypes)
     test_errors = SddmmTestBase.test_errors
 
 

@@ -8,7 +8,8 @@ from jax.test_util import check_grads
 
 import jaxsparse
 from jaxsparse._sddmm import sddmm_values
-from sparse_testing import DTYPES, FORMATS, assert_close, build, dlmc_files, random_sparse, rounded
+from sparse_testing import (DTYPES, FORMATS, assert_close, build, dlmc_files, quick_only,
+                            random_sparse, rounded)
 
 
 def _sampled(pattern, full64):
@@ -157,6 +158,7 @@ class TestSddmmReference(SddmmTestBase):
     backend = "reference"
 
 
+@quick_only(SddmmTestBase, keep=("test_grads", "test_vmap"))
 class TestSddmmAuto(SddmmTestBase):
     backend = "auto"
 

@@ -13,8 +13,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxsparse
-from sparse_testing import (DTYPES, FORMATS, assert_close, build, dlmc_files, random_sparse,
-                            rounded)
+from sparse_testing import (DTYPES, FORMATS, assert_close, build, dlmc_files, quick_only,
+                            random_sparse, rounded)
 
 SHAPES = [(1, 1, 1), (7, 96, 40), (16, 32, 8), (12, 8, 1)]
 FORMS = ("A@X", "X@A", "x@W.T", "A.T@X")
@@ -195,6 +195,10 @@ class TestSpmmReference(SpmmTestBase):
     backend = "reference"
 
 
+# On CPU "auto" is the native kernels (test_ffi.py runs every case with "ffi") plus the reference
+# where no kernel applies; the quick run keeps the cases that mix the two (gradients, vmap).
+@quick_only(SpmmTestBase, keep=("test_grads", "test_vmap_sparse_values", "test_vmap_both",
+                                 "test_vector_and_batch_operands"))
 class TestSpmmAuto(SpmmTestBase):
     backend = "auto"
 
