@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse import _config
 from jaxsparse._formats import INDEX_DTYPE, CSR, SparseMatrix, nm_columns, row_ids
 from jaxsparse._sddmm import sddmm_values
 from jaxsparse._spmm import compute_dtype, spmm
@@ -94,6 +95,31 @@ def _single_head(q, k, v, pattern, keep, backend, rows=None):
     return spmm(pattern.with_values(p), v, layout="kn", backend=backend)
 
 
+def _is_pow2_16(x: int) -> bool:
+    return x >= 16 and x & (x - 1) == 0
+
+
+def _fused_mode(backend, pattern, mask, d, dv, dtype):
+    """The Pallas mode ("pallas" or "pallas-interpret") in which the fused block-sparse attention
+    kernel serves this call, or None for the SDDMM -> softmax -> SpMM path. It serves BSR patterns
+    without an extra mask when the Pallas backends are chosen, and under "auto" on a GPU."""
+    chosen = _config.resolve_backend(backend)
+    on_gpu = jax.default_backend() == "gpu"
+    if chosen == "auto" and on_gpu:
+        chosen = "pallas"
+    if chosen not in ("pallas", "pallas-interpret") or pattern.fmt != "bsr" or mask is not None:
+        return None
+    if dv != d or not _is_pow2_16(d) or not all(_is_pow2_16(x) for x in pattern.block_size):
+        return None
+    if not any(dtype == t for t in (jnp.float32, jnp.bfloat16, jnp.float16)):
+        return None
+    if chosen == "pallas":
+        from jaxsparse import pallas as jsp
+        if not on_gpu or jsp.gpu_capability_reason():
+            return None
+    return chosen
+
+
 def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None = None,
               mask=None, bias=None, dropout_rate: float = 0.0, deterministic: bool = True,
               dtype=None, precision=None, module=None, is_causal: bool = False,
@@ -120,6 +146,11 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
     block-diagonal copy of the pattern (CSR only); ``False`` maps over them one at a time
     (``lax.map``), so memory stays O(nnz). The default folds small problems (at most 2M stored
     entries over all batch elements and heads) and maps over larger ones.
+
+    On a GPU (backend ``"auto"`` or ``"pallas"``), and with ``backend="pallas-interpret"``
+    anywhere, a BSR pattern without ``mask`` whose block sizes and head dim are powers of two
+    >= 16 runs the fused flash-style kernel :func:`jaxsparse.pallas.block_sparse_attention`
+    instead (forward only: differentiate with ``backend="reference"``).
 
     >>> p = jaxsparse.patterns.causal(4)
     >>> q = jnp.ones((1, 4, 2, 8), jnp.float32)
@@ -164,6 +195,13 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
         raise ValueError("attention: pass the pattern [q_len, k_len] as stored (not a .T view)")
     b = int(np.prod(lead)) if lead else 1
     dv = value.shape[-1]
+    fused = _fused_mode(backend, pattern, mask, d, dv, dt)
+    if fused is not None:  # flash-style Pallas kernel over the pattern's blocks (forward only)
+        from jaxsparse import pallas as jsp
+        out = jsp.block_sparse_attention(query.reshape(b, sq, h, d), key.reshape(b, sk, h, d),
+                                         value.reshape(b, sk, h, dv), pattern, scale=scale,
+                                         interpret=fused == "pallas-interpret")
+        return out.reshape(*lead, sq, h, dv)
     scale = (1.0 / np.sqrt(d)) if scale is None else scale
     # [B, H, S, D]
     q = (query.reshape(b, sq, h, d) * jnp.asarray(scale, dt)).transpose(0, 2, 1, 3)
