@@ -1,4 +1,4 @@
-"""``python -m jaxsparse.bench {cpu,gpu}``: run a benchmark suite and write its results."""
+"""``python -m jaxsparse.bench {cpu,layers,gpu}``: run a benchmark suite and write its results."""
 
 import argparse
 
@@ -12,6 +12,11 @@ def main(argv=None):
     cpu.add_argument("--reps", type=int, default=None, help="interleaved repetitions per method")
     cpu.add_argument("--out", default="benchmarks/results", help="output directory")
     cpu.add_argument("--name", default="cpu", help="base name of the result files")
+    layers = sub.add_parser("layers", help="sparse MLP block and sparse attention vs their dense "
+                                           "Flax/JAX twins (CPU)")
+    layers.add_argument("--reps", type=int, default=None, help="interleaved repetitions per method")
+    layers.add_argument("--out", default="benchmarks/results", help="output directory")
+    layers.add_argument("--name", default="layers", help="base name of the result files")
     gpu = sub.add_parser("gpu", help="the Pallas kernels on a GPU vs cuBLAS dense, "
                                      "jax.experimental.sparse and dense attention")
     gpu.add_argument("--smoke", action="store_true",
@@ -22,6 +27,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.suite == "cpu":
         from jaxsparse.bench import cpu as suite
+    elif args.suite == "layers":
+        from jaxsparse.bench import layers as suite
     else:
         from jaxsparse.pallas import benchmark as suite
     suite.main(args)
