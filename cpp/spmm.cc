@@ -136,8 +136,11 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
     return;
   }
 
-  // nk: panel = B.T, [K, N].
-  std::vector<char> panel(static_cast<size_t>(s.k * s.n * panel_esz));
+  // nk: panel = B.T, [K, N], rows padded by one cache line: with a leading dimension that is a
+  // multiple of 4 KiB (N = 1024 float32, say), the rows a strip visits all map to the same L1
+  // sets and evict each other.
+  const int64_t ldp = s.n + 64 / panel_esz;
+  std::vector<char> panel(static_cast<size_t>(s.k * ldp * panel_esz));
   constexpr int64_t kPanelRows = 32;
   const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
   const IsaKernels& tkern = SelectKernels(panel_dt);
@@ -145,18 +148,19 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
     const int64_t n0 = split_prep ? c * kPanelRows : 0;
     const int64_t n1 = split_prep ? std::min(s.n, n0 + kPanelRows) : s.n;
     tkern.transpose(panel_dt, static_cast<const char*>(b) + n0 * s.k * panel_esz, n1 - n0, s.k,
-                    s.k, panel.data() + n0 * panel_esz, s.n);
+                    s.k, panel.data() + n0 * panel_esz, ldp);
   });
   p.b = panel.data();
-  p.ldb = s.n;
+  p.ldb = ldp;
+  const int64_t ldt = s.n + 64 / esz;  // the output block, padded likewise
   const int64_t bm = p.fmt == kBsr ? p.bm : 1;
-  const int64_t sub = std::max<int64_t>(1, 64 / bm);  // kernel rows per output block
+  const int64_t sub = std::max<int64_t>(1, 256 / bm);  // kernel rows per output block
   ParallelFor(pool, n_parts, [&](int64_t q) {
-    std::vector<char> tmp(static_cast<size_t>(std::min(sub, parts[q + 1] - parts[q]) * bm * s.n * esz));
+    std::vector<char> tmp(static_cast<size_t>(std::min(sub, parts[q + 1] - parts[q]) * bm * ldt * esz));
     for (int64_t r0 = parts[q]; r0 < parts[q + 1]; r0 += sub) {
       const int64_t cnt = std::min(sub, parts[q + 1] - r0);
-      kern.spmm_rows(Shift(p, r0), 0, cnt, tmp.data(), s.n);
-      kern.transpose(p.dt, tmp.data(), cnt * bm, s.n, s.n,
+      kern.spmm_rows(Shift(p, r0), 0, cnt, tmp.data(), ldt);
+      kern.transpose(p.dt, tmp.data(), cnt * bm, s.n, ldt,
                      static_cast<char*>(out) + r0 * bm * esz, s.m);
     }
   });

@@ -137,7 +137,7 @@ def test_bsr_and_nm_validation_messages():
         NM.fromdense(jnp.array([[1.0, 1.0, 1.0, 0.0]]), n=2, m=4)
     with pytest.raises(ValueError, match=r"m=4 must divide the number of columns x.shape\[1\]=6"):
         NM.fromdense(jnp.ones((2, 6)), n=2, m=4)
-    with pytest.raises(ValueError, match=r"positions\(0, 1\)=4 is out of range \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"positions\[0, 1\]=4 is out of range \[0, 4\)"):
         NM((jnp.ones((1, 2)), jnp.array([[0, 4]])), shape=(1, 4), n=2, m=4)
     with pytest.raises(ValueError, match=r"positions must increase within each group"):
         NM((jnp.ones((1, 2)), jnp.array([[3, 1]])), shape=(1, 4), n=2, m=4)
