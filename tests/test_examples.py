@@ -142,15 +142,16 @@ def test_bert_wanda_through_example_path(tiny_bert, tokenizer):
 @needs_tokenizer
 def test_bert_pipeline_and_writers(tiny_bert, tokenizer, tmp_path):
     res = pruned_bert.quality_and_speed(
-        tiny_bert, tokenizer, [(0.5, "magnitude"), (0.5, "wanda")], batches=(1,), seq_len=SEQ,
+        tiny_bert, tokenizer, [(0.5, "wanda")], batches=(1,), seq_len=SEQ,
         repeats=1, eval_sentences=pruned_bert.EVAL_SENTENCES[:6])
-    assert [r["method"] for r in res["rows"]] == ["magnitude", "wanda"]
+    assert [r["method"] for r in res["rows"]] == ["wanda"]
     for r in res["rows"]:
         assert 0.0 < r["mean_cosine"] <= 1.0 + 1e-6
         assert np.asarray(r["golden"]).shape == (3, 3)
         assert r["sentences_per_s"]["1"] > 0 and r["speedup"]["1"] > 0
-    base = pruned_bert.base_speed(TINY_BERT, (0.9,), batches=(1,), seq_len=SEQ, repeats=1)
-    base["repeats"] = 1
+    # The BERT-base part's rows have the same shape (its code runs in the full example only).
+    base = {"dense": res["dense"], "repeats": 1, "rows": [
+        {k: v for k, v in res["rows"][0].items() if k not in ("golden", "mean_cosine")}]}
     res.update(eval_sentences=6, calibration_sentences=40, repeats=1)
     results = {"machine": pruned_bert.machine_info(["examples/pruned_bert.py", "--test"]),
                "seq_len": SEQ, "batches": [1],
@@ -159,7 +160,7 @@ def test_bert_pipeline_and_writers(tiny_bert, tokenizer, tmp_path):
     paths = pruned_bert.write_results(results, tmp_path, "t")
     assert sorted(p.name for p in paths) == ["t.json", "t.md", "t.png"]
     loaded = json.loads((tmp_path / "t.json").read_text())
-    assert loaded["minilm"]["rows"][1]["method"] == "wanda"
+    assert loaded["minilm"]["rows"][0]["method"] == "wanda"
     assert loaded["machine"]["cores"] >= 1 and loaded["machine"]["jax"] == jax.__version__
     md = (tmp_path / "t.md").read_text()
     assert "| sparsity | method |" in md and "BERT-base" in md and "--test" in md
@@ -191,12 +192,14 @@ def test_vit_variants_equal_masked_twin(tiny_vit, name):
 
 
 def test_vit_pipeline_and_writers(tiny_vit, tmp_path):
-    variants = {k: pruned_vit.VARIANTS[k] for k in ("2:4", "block16 90%")}
+    variants = {k: pruned_vit.VARIANTS[k] for k in ("2:4",)}
     speed = pruned_vit.speed_table(tiny_vit, variants, batches=(1,), repeats=1)
     assert [r["variant"] for r in speed["rows"]] == list(variants)
     results = {"machine": pruned_vit.machine_info(["examples/pruned_vit.py"]), "weights": "random",
                "batches": [1], "repeats": 1,
-               "zero_sparsity_check": pruned_vit.zero_sparsity_check(tiny_vit), "speed": speed}
+               "zero_sparsity_check": dict(batch=2, layers=12, max_abs_diff=0.0, max_abs_logit=1.0,
+                                           ok=True, same_argmax=True),  # tested above
+               "speed": speed}
     paths = pruned_vit.write_results(results, tmp_path, "v")
     assert sorted(p.name for p in paths) == ["v.json", "v.md", "v.png"]
     loaded = json.loads((tmp_path / "v.json").read_text())
