@@ -25,3 +25,22 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q -n 2
+
+# ASan + UBSan: builds the C++ extension with -DJAXSPARSE_SANITIZE=ON into its own build and
+# install folders (build/sanitize; .venv keeps the normal build), then runs the tests against it
+# with the ASan runtime preloaded (python itself is not instrumented; libstdc++ is preloaded too,
+# or ASan cannot find the real __cxa_throw and aborts on the first C++ exception in jaxlib);
+# JAX_PLATFORMS=cpu skips probing the TPU plugin, which aborts under ASan. Leak checking is off:
+# CPython and XLA keep allocations alive until exit. Pass other tests with SANITIZE_TESTS=...
+SAN_DIR := build/sanitize
+SANITIZE_TESTS ?= tests/test_malformed.py tests/test_spmm.py tests/test_sddmm.py tests/test_formats.py
+sanitize: $(VENV)/.deps
+	$(VPY) -m pip install -q --no-build-isolation --no-deps --upgrade --target $(SAN_DIR)/site \
+	  -C build-dir=$(SAN_DIR)/cmake -C cmake.build-type=RelWithDebInfo \
+	  -C cmake.define.JAXSPARSE_SANITIZE=ON .
+	cd $(SAN_DIR) && JAX_PLATFORMS=cpu LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  PYTHONPATH=$(CURDIR)/$(SAN_DIR)/site \
+	  $(CURDIR)/$(VENV)/bin/pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
+	  $(addprefix $(CURDIR)/,$(SANITIZE_TESTS))

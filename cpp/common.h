@@ -3,14 +3,17 @@
 #ifndef JAXSPARSE_COMMON_H_
 #define JAXSPARSE_COMMON_H_
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 
+#include "isa.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxsparse {
@@ -111,8 +114,9 @@ bool DispatchFloat(ffi::DataType dtype, Fn&& fn) {
 
 // indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz; every index in
 // [0, n_cols).
-inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const int32_t* indices,
-                                     int64_t nnz, int64_t n_cols, const char* what) {
+template <typename Index>
+ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const Index* indices,
+                              int64_t nnz, int64_t n_cols, const char* what) {
   if (indptr[0] != 0) {
     return ffi::Error::InvalidArgument(std::string(what) + ": indptr[0] must be 0, got " +
                                        std::to_string(indptr[0]));
@@ -130,8 +134,12 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
                                        std::to_string(nnz) + ", got " +
                                        std::to_string(indptr[rows]));
   }
-  for (int64_t p = 0; p < nnz; ++p) {
-    if (indices[p] < 0 || indices[p] >= n_cols) {
+  // Branch-free pass first (vectorizes); locate the culprit only when something is wrong.
+  uint32_t any_bad = 0;
+  const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(n_cols, INT32_MAX));
+  for (int64_t p = 0; p < nnz; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(indices[p]) >= limit);
+  for (int64_t p = 0; any_bad != 0 && p < nnz; ++p) {
+    if (static_cast<int64_t>(indices[p]) < 0 || static_cast<int64_t>(indices[p]) >= n_cols) {
       return ffi::Error::InvalidArgument(
           std::string(what) + ": indices[" + std::to_string(p) + "]=" +
           std::to_string(indices[p]) + " is out of range [0, " + std::to_string(n_cols) + ")");
@@ -140,8 +148,28 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
   return ffi::Error::Success();
 }
 
+// Kernel element type of an FFI dtype, or -1; and its size in bytes.
+inline int DtOf(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::F32: return kF32;
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F64: return kF64;
+    case ffi::DataType::F16: return kF16;
+    default: return -1;
+  }
+}
+inline int64_t DtSize(int dt) { return dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
+
 // ---------------------------------------------------------------------------
 // Parallel loop on XLA's intra-op thread pool.
+
+// Threads a kernel may use: XLA's pool (which counts the calling thread's share), capped by
+// SetMaxThreads (jaxsparse.ffi.set_max_threads, used by the tests and benchmarks).
+inline int64_t NumThreads(ffi::ThreadPool& pool) {
+  int64_t n = std::max<int64_t>(1, pool.num_threads());
+  const int64_t cap = MaxThreads();
+  return cap > 0 ? std::min(n, cap) : n;
+}
 //
 // Runs fn(task) for task in [0, n_tasks). The calling thread takes part, claiming tasks from a
 // shared counter like the pool threads do, so the loop finishes even when no pool thread is free
@@ -150,7 +178,7 @@ inline ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const 
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
   if (n_tasks <= 0) return;
-  const int64_t n_threads = pool.num_threads();
+  const int64_t n_threads = NumThreads(pool);
   if (n_tasks == 1 || n_threads <= 1) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(t);
     return;

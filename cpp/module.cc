@@ -1,6 +1,12 @@
-// The nanobind module: exposes the FFI handlers as capsules for jax.ffi.register_ffi_target.
+// The nanobind module: exposes the FFI handlers as capsules for jax.ffi.register_ffi_target, and
+// the run-time knobs of the kernels (instruction set, thread cap) for tests and benchmarks.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
+#include <stdexcept>
+#include <string>
+
+#include "isa.h"
 #include "kernels.h"
 
 namespace nb = nanobind;
@@ -20,7 +26,21 @@ NB_MODULE(_jaxsparse_cpu, m) {
   m.def("registrations", []() {
     nb::dict d;
     d["jaxsparse_csr_spmm"] = Encapsulate(jaxsparse::kCsrSpmm);
+    d["jaxsparse_bsr_spmm"] = Encapsulate(jaxsparse::kBsrSpmm);
+    d["jaxsparse_nm_spmm"] = Encapsulate(jaxsparse::kNmSpmm);
     d["jaxsparse_csr_sddmm"] = Encapsulate(jaxsparse::kCsrSddmm);
+    d["jaxsparse_bsr_sddmm"] = Encapsulate(jaxsparse::kBsrSddmm);
     return d;
   });
+  m.def("set_isa", [](const std::string& name) {
+    if (!jaxsparse::SetIsa(name.c_str())) {
+      throw std::invalid_argument("set_isa: unknown or unsupported instruction set '" + name +
+                                  "' (expected 'auto', 'avx512', 'avx2' or 'scalar', supported "
+                                  "by this CPU)");
+    }
+  });
+  m.def("get_isa", []() { return std::string(jaxsparse::IsaName()); });
+  m.def("isa_supported", [](const std::string& name) { return jaxsparse::IsaSupported(name.c_str()); });
+  m.def("set_max_threads", [](int64_t n) { jaxsparse::SetMaxThreads(n); });
+  m.def("get_max_threads", []() { return jaxsparse::MaxThreads(); });
 }

@@ -1,5 +1,15 @@
-// SpMM: out[M, N] = A[M, K] @ B[K, N] with A in CSR.
+// SpMM: A @ B ("kn": B [K, N], out [M, N]) and B @ A.T ("nk", the linear-layer layout: B [N, K],
+// out [N, M]) for A in CSR, BSR or N:M, stored [M, K] and never transposed.
+//
+// kn: rows of A are split into load-balanced parts (by stored entries, so long and empty rows
+// even out) that the pool threads claim dynamically; each part writes its rows of out directly.
+// nk: B is transposed once per call into a [K, N] panel shared by all threads (the activations,
+// N x K, are small next to the work), then each part computes blocks of 64 rows of A @ panel into
+// a thread-local buffer that is transposed into out[:, rows] while still in cache. N = 1 (a
+// matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
 #include <algorithm>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -8,60 +18,265 @@
 namespace jaxsparse {
 namespace {
 
-template <typename T>
-void CsrSpmmRows(const T* data, const int32_t* indices, const int32_t* indptr, const T* b,
-                 T* out, int64_t n, int64_t row_begin, int64_t row_end) {
-  using A = typename Acc<T>::type;
-  std::vector<A> acc(n);
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    std::fill(acc.begin(), acc.end(), A(0));
-    for (int32_t p = indptr[i]; p < indptr[i + 1]; ++p) {
-      const A v = ToFloat(data[p]);
-      const T* brow = b + static_cast<int64_t>(indices[p]) * n;
-      for (int64_t j = 0; j < n; ++j) acc[j] += v * ToFloat(brow[j]);
-    }
-    T* orow = out + i * n;
-    for (int64_t j = 0; j < n; ++j) orow[j] = FromFloat(acc[j], T{});
+struct Shape {
+  int64_t rows;  // rows of the kernel loop: M, or M / bm block rows for BSR
+  int64_t m, k, n;
+};
+
+ffi::Error CheckDense(const char* what, ffi::AnyBuffer& b, ffi::Result<ffi::AnyBuffer>& out,
+                      int64_t m, bool nk, int dt, int64_t* k, int64_t* n) {
+  const auto bd = b.dimensions();
+  const auto od = out->dimensions();
+  if (bd.size() != 2 || od.size() != 2) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": dense operand and output must be 2-D");
   }
+  *k = nk ? bd[1] : bd[0];
+  *n = nk ? bd[0] : bd[1];
+  const int64_t o_rows = nk ? od[1] : od[0], o_n = nk ? od[0] : od[1];
+  if (o_rows != m || o_n != *n) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": output shape does not match " +
+                                       std::to_string(m) + " rows and N=" + std::to_string(*n));
+  }
+  if (dt < 0 || b.element_type() != out->element_type()) {
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": unsupported dtype or dtypes of b and out differ");
+  }
+  return ffi::Error::Success();
 }
 
-ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S32> indices,
+// The partition of kernel rows into parts of roughly equal work.
+std::vector<int64_t> Partition(const int32_t* indptr, int64_t rows, int64_t threads) {
+  const int64_t max_parts = threads <= 1 ? 1 : 8 * threads;
+  std::vector<int64_t> begin(max_parts + 1);
+  int64_t parts;
+  if (indptr != nullptr) {
+    parts = BalanceRows(indptr, rows, max_parts, begin.data());
+  } else {
+    parts = std::max<int64_t>(1, std::min(max_parts, rows));
+    for (int64_t q = 0; q <= parts; ++q) begin[q] = rows * q / parts;
+  }
+  begin.resize(parts + 1);
+  return begin;
+}
+
+// p restricted to kernel rows [r0, ...), renumbered from 0.
+SpmmProblem Shift(const SpmmProblem& p, int64_t r0) {
+  SpmmProblem q = p;
+  if (p.fmt == kNm) {
+    q.data = static_cast<const char*>(p.data) + r0 * p.slots * DtSize(p.dt);
+    q.positions = p.positions + r0 * p.slots;
+  } else {
+    q.indptr = p.indptr + r0;  // entries keep their absolute offsets into data and indices
+  }
+  return q;
+}
+
+void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, const void* b,
+             void* out) {
+  if (s.m == 0 || s.n == 0) return;
+  const IsaKernels& kern = SelectKernels(p.dt);
+  const int64_t threads = NumThreads(pool);
+  const int64_t esz = DtSize(p.dt);
+  // Preparation passes over B (widening, the nk panel) run on the calling thread when B is
+  // small: waking a pool thread costs more than it saves there.
+  const bool split_prep = threads > 1 && s.k * s.n > (int64_t{1} << 20);
+  const std::vector<int64_t> parts =
+      Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows, threads);
+  const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
+  p.n = s.n;
+
+  if (s.n == 1 && p.dt != kF64) {
+    std::vector<float> xbuf;
+    const float* x = static_cast<const float*>(b);
+    if (p.dt != kF32) {
+      xbuf.resize(s.k);
+      for (int64_t j = 0; j < s.k; ++j) {
+        const uint16_t h = static_cast<const uint16_t*>(b)[j];
+        xbuf[j] = p.dt == kBF16 ? ToFloat(bf16_t{h}) : ToFloat(f16_t{h});
+      }
+      x = xbuf.data();
+    }
+    ParallelFor(pool, n_parts, [&](int64_t q) {
+      kern.spmv_rows(p, x, parts[q], parts[q + 1], out);
+    });
+    return;
+  }
+
+  // Half types: B widened to float32 once (see SpmmRowsT); for nk, widened then transposed.
+  const bool widen = p.dt == kBF16 || p.dt == kF16;
+  const int panel_dt = widen ? kF32 : p.dt;
+  const int64_t panel_esz = DtSize(panel_dt);
+  std::vector<float> wide;
+  if (widen) {
+    wide.resize(static_cast<size_t>(s.k * s.n));
+    const int64_t total = s.k * s.n, chunk = 1 << 14;
+    ParallelFor(pool, split_prep ? (total + chunk - 1) / chunk : 1, [&](int64_t c) {
+      const int64_t e0 = split_prep ? c * chunk : 0;
+      const int64_t e1 = split_prep ? std::min(total, e0 + chunk) : total;
+      const uint16_t* h = static_cast<const uint16_t*>(b);
+      if (p.dt == kBF16) {
+        for (int64_t e = e0; e < e1; ++e) {
+          const uint32_t u = static_cast<uint32_t>(h[e]) << 16;
+          std::memcpy(&wide[e], &u, 4);
+        }
+      } else {
+        for (int64_t e = e0; e < e1; ++e) wide[e] = ToFloat(f16_t{h[e]});
+      }
+    });
+    b = wide.data();
+    p.b_f32 = true;
+  }
+
+  if (!nk) {
+    p.b = b;
+    p.ldb = s.n;
+    ParallelFor(pool, n_parts, [&](int64_t q) {
+      kern.spmm_rows(p, parts[q], parts[q + 1], out, s.n);
+    });
+    return;
+  }
+
+  // nk: panel = B.T, [K, N].
+  std::vector<char> panel(static_cast<size_t>(s.k * s.n * panel_esz));
+  constexpr int64_t kPanelRows = 32;
+  const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
+  const IsaKernels& tkern = SelectKernels(panel_dt);
+  ParallelFor(pool, split_prep ? n_chunks : 1, [&](int64_t c) {
+    const int64_t n0 = split_prep ? c * kPanelRows : 0;
+    const int64_t n1 = split_prep ? std::min(s.n, n0 + kPanelRows) : s.n;
+    tkern.transpose(panel_dt, static_cast<const char*>(b) + n0 * s.k * panel_esz, n1 - n0, s.k,
+                    s.k, panel.data() + n0 * panel_esz, s.n);
+  });
+  p.b = panel.data();
+  p.ldb = s.n;
+  const int64_t bm = p.fmt == kBsr ? p.bm : 1;
+  const int64_t sub = std::max<int64_t>(1, 64 / bm);  // kernel rows per output block
+  ParallelFor(pool, n_parts, [&](int64_t q) {
+    std::vector<char> tmp(static_cast<size_t>(std::min(sub, parts[q + 1] - parts[q]) * bm * s.n * esz));
+    for (int64_t r0 = parts[q]; r0 < parts[q + 1]; r0 += sub) {
+      const int64_t cnt = std::min(sub, parts[q + 1] - r0);
+      kern.spmm_rows(Shift(p, r0), 0, cnt, tmp.data(), s.n);
+      kern.transpose(p.dt, tmp.data(), cnt * bm, s.n, s.n,
+                     static_cast<char*>(out) + r0 * bm * esz, s.m);
+    }
+  });
+}
+
+// indices are int32, or uint16 for a matrix packed by jaxsparse.pack (K <= 65536).
+ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer indices,
                    ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b,
-                   ffi::Result<ffi::AnyBuffer> out) {
-  const auto b_dims = b.dimensions();
-  const auto out_dims = out->dimensions();
-  if (b_dims.size() != 2 || out_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("csr_spmm: dense operand and output must be 2-D");
-  }
-  const int64_t rows = indptr.element_count() - 1;
-  const int64_t k = b_dims[0], n = b_dims[1];
+                   ffi::Result<ffi::AnyBuffer> out, bool nk) {
+  const int64_t rows = static_cast<int64_t>(indptr.element_count()) - 1;
   const int64_t nnz = indices.element_count();
-  if (rows < 0 || out_dims[0] != rows || out_dims[1] != n ||
-      static_cast<int64_t>(data.element_count()) != nnz) {
-    return ffi::Error::InvalidArgument("csr_spmm: inconsistent operand shapes");
+  const int dt = DtOf(data.element_type());
+  int64_t k, n;
+  if (rows < 0 || static_cast<int64_t>(data.element_count()) != nnz ||
+      data.element_type() != b.element_type()) {
+    return ffi::Error::InvalidArgument("csr_spmm: inconsistent data, indices and indptr");
   }
-  if (data.element_type() != b.element_type() || out->element_type() != b.element_type()) {
-    return ffi::Error::InvalidArgument("csr_spmm: data, dense operand and output dtypes differ");
+  if (auto err = CheckDense("csr_spmm", b, out, rows, nk, dt, &k, &n); err.failure()) return err;
+  SpmmProblem p{};
+  if (indices.element_type() == ffi::DataType::S32) {
+    p.indices = static_cast<const int32_t*>(indices.untyped_data());
+    if (auto err = ValidateCompressed(indptr.typed_data(), rows, p.indices, nnz, k, "csr_spmm");
+        err.failure()) {
+      return err;
+    }
+  } else if (indices.element_type() == ffi::DataType::U16) {
+    p.indices16 = static_cast<const uint16_t*>(indices.untyped_data());
+    if (auto err = ValidateCompressed(indptr.typed_data(), rows, p.indices16, nnz, k, "csr_spmm");
+        err.failure()) {
+      return err;
+    }
+  } else {
+    return ffi::Error::InvalidArgument("csr_spmm: indices must be int32 or uint16");
   }
-  if (ffi::Error err = ValidateCompressed(indptr.typed_data(), rows, indices.typed_data(), nnz, k,
-                                          "csr_spmm");
+  p.fmt = kCsr;
+  p.dt = dt;
+  p.data = data.untyped_data();
+  p.indptr = indptr.typed_data();
+  p.bm = p.bk = 1;
+  RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(), out->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S32> indices,
+                   ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b,
+                   ffi::Result<ffi::AnyBuffer> out, bool nk) {
+  const auto dd = data.dimensions();
+  const int64_t brows = static_cast<int64_t>(indptr.element_count()) - 1;
+  const int64_t nblocks = indices.element_count();
+  if (dd.size() != 3 || dd[0] != nblocks || dd[1] < 1 || dd[2] < 1 || brows < 0 ||
+      data.element_type() != b.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "bsr_spmm: data must be [nblocks, bm, bk] with nblocks = len(indices), bm, bk >= 1");
+  }
+  const int64_t bm = dd[1], bk = dd[2];
+  const int dt = DtOf(data.element_type());
+  int64_t k, n;
+  if (auto err = CheckDense("bsr_spmm", b, out, brows * bm, nk, dt, &k, &n); err.failure()) {
+    return err;
+  }
+  if (k % bk != 0) {
+    return ffi::Error::InvalidArgument("bsr_spmm: block width bk=" + std::to_string(bk) +
+                                       " does not divide K=" + std::to_string(k));
+  }
+  if (auto err = ValidateCompressed(indptr.typed_data(), brows, indices.typed_data(), nblocks,
+                                    k / bk, "bsr_spmm");
       err.failure()) {
     return err;
   }
-  const int64_t max_parts = std::max<int64_t>(1, 4 * pool.num_threads());
-  std::vector<int64_t> part_begin(max_parts + 1);
-  const int64_t parts = BalanceRows(indptr.typed_data(), rows, max_parts, part_begin.data());
-  const bool ok = DispatchFloat(b.element_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* d = static_cast<const T*>(data.untyped_data());
-    const T* bp = static_cast<const T*>(b.untyped_data());
-    T* o = static_cast<T*>(out->untyped_data());
-    ParallelFor(pool, parts, [&](int64_t part) {
-      CsrSpmmRows(d, indices.typed_data(), indptr.typed_data(), bp, o, n, part_begin[part],
-                  part_begin[part + 1]);
-    });
-  });
-  if (!ok) return ffi::Error::InvalidArgument("csr_spmm: unsupported dtype");
+  SpmmProblem p{};
+  p.fmt = kBsr;
+  p.dt = dt;
+  p.data = data.untyped_data();
+  p.indices = indices.typed_data();
+  p.indptr = indptr.typed_data();
+  p.bm = bm;
+  p.bk = bk;
+  RunSpmm(pool, p, Shape{brows, brows * bm, k, n}, nk, b.untyped_data(), out->untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::U8> positions,
+                  ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t nm_n, int64_t nm_m,
+                  bool nk) {
+  const auto vd = values.dimensions();
+  const auto pd = positions.dimensions();
+  if (vd.size() != 2 || pd.size() != 2 || vd[0] != pd[0] || vd[1] != pd[1] ||
+      values.element_type() != b.element_type()) {
+    return ffi::Error::InvalidArgument("nm_spmm: values and positions must be [M, slots]");
+  }
+  const int64_t rows = vd[0], slots = vd[1];
+  const int dt = DtOf(values.element_type());
+  int64_t k, n;
+  if (auto err = CheckDense("nm_spmm", b, out, rows, nk, dt, &k, &n); err.failure()) return err;
+  if (nm_n < 1 || nm_m < nm_n || k % nm_m != 0 || slots != k / nm_m * nm_n) {
+    return ffi::Error::InvalidArgument(
+        "nm_spmm: need 0 < n <= m, m dividing K and slots = K / m * n; got n=" +
+        std::to_string(nm_n) + ", m=" + std::to_string(nm_m) + ", K=" + std::to_string(k) +
+        ", slots=" + std::to_string(slots));
+  }
+  const uint8_t* pos = positions.typed_data();
+  const int64_t total = rows * slots;
+  for (int64_t e = 0; e < total; ++e) {
+    if (pos[e] >= nm_m) {
+      return ffi::Error::InvalidArgument(
+          "nm_spmm: positions[" + std::to_string(e / slots) + ", " + std::to_string(e % slots) +
+          "]=" + std::to_string(pos[e]) + " is out of range [0, " + std::to_string(nm_m) + ")");
+    }
+  }
+  std::vector<int32_t> group_base(slots);
+  for (int64_t s = 0; s < slots; ++s) group_base[s] = static_cast<int32_t>(s / nm_n * nm_m);
+  SpmmProblem p{};
+  p.fmt = kNm;
+  p.dt = dt;
+  p.data = values.untyped_data();
+  p.positions = pos;
+  p.group_base = group_base.data();
+  p.slots = slots;
+  p.bm = p.bk = 1;
+  RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(), out->untyped_data());
   return ffi::Error::Success();
 }
 
@@ -70,10 +285,32 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kCsrSpmm, CsrSpmm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()        // data [nnz]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices [nnz]
+                                  .Arg<ffi::AnyBuffer>()         // data [nnz]
+                                  .Arg<ffi::AnyBuffer>()         // indices [nnz] int32 / uint16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M + 1]
-                                  .Arg<ffi::AnyBuffer>()        // b [K, N]
-                                  .Ret<ffi::AnyBuffer>());      // out [M, N]
+                                  .Arg<ffi::AnyBuffer>()         // b: kn [K, N], nk [N, K]
+                                  .Ret<ffi::AnyBuffer>()         // out: kn [M, N], nk [N, M]
+                                  .Attr<bool>("nk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kBsrSpmm, BsrSpmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // data [nblocks, bm, bk]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // indices [nblocks]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M / bm + 1]
+                                  .Arg<ffi::AnyBuffer>()         // b
+                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Attr<bool>("nk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kNmSpmm, NmSpmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // values [M, K / m * n]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // positions [M, K / m * n]
+                                  .Arg<ffi::AnyBuffer>()         // b
+                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("m")
+                                  .Attr<bool>("nk"));
 
 }  // namespace jaxsparse

@@ -12,6 +12,8 @@ and the kernels check values at run time.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -58,7 +60,22 @@ def _check_index_dtype(x, name: str, cls: str):
         if xs.size and (xs.max() > np.iinfo(INDEX_DTYPE).max or xs.min() < np.iinfo(INDEX_DTYPE).min):
             raise ValueError(f"{cls}: {name} values do not fit in int32 (max={xs.max()})")
         return jnp.asarray(xs.astype(INDEX_DTYPE)) if isinstance(x, jax.Array) else xs.astype(INDEX_DTYPE)
-    return x.astype(INDEX_DTYPE)
+    # Traced: values that do not fit int32 must not wrap around into range; they become -1, which
+    # the run-time check reports (an index or indptr entry can never be negative).
+    return _narrow_traced(x, INDEX_DTYPE, -1)
+
+
+def _narrow_traced(x, dtype, invalid):
+    """``x.astype(dtype)`` for a traced integer array, with values ``dtype`` cannot hold mapped
+    to ``invalid`` instead of wrapping around."""
+    src, dst = jnp.iinfo(x.dtype), np.iinfo(dtype)
+    out = x.astype(dtype)
+    if src.max > dst.max or src.min < dst.min:
+        bad = x > src.dtype.type(dst.max)
+        if src.min < 0 and src.min < dst.min:
+            bad = bad | (x < src.dtype.type(dst.min))
+        out = jnp.where(bad, dtype(invalid), out)
+    return out
 
 
 def _check_shape(shape, cls: str) -> tuple[int, int]:
@@ -509,16 +526,17 @@ class NM(SparseMatrix):
             p = np.asarray(positions).astype(np.int64)
             if p.size and (p.min() < 0 or p.max() >= m):
                 bad = np.argwhere((p < 0) | (p >= m))[0]
-                raise ValueError(f"{name}: positions{tuple(bad.tolist())}={p[tuple(bad)]} is out of "
+                raise ValueError(f"{name}: positions[{bad[0]}, {bad[1]}]={p[tuple(bad)]} is out of "
                                  f"range [0, {m})")
-            g = p.reshape(shape[0], -1, n)
+            g = p.reshape(shape[0], shape[1] // m, n)
             if n > 1 and (np.diff(g, axis=-1) <= 0).any():
                 bad = np.argwhere(np.diff(g, axis=-1) <= 0)[0]
                 raise ValueError(f"{name}: positions must increase within each group of {n}; row "
                                  f"{bad[0]}, group {bad[1]} has {g[bad[0], bad[1]].tolist()}")
             positions = positions.astype(POSITION_DTYPE)
-        else:
-            positions = positions.astype(POSITION_DTYPE)
+        elif positions.dtype != POSITION_DTYPE:
+            # 255 is never a valid position (m <= 255): wider values report, never wrap into range.
+            positions = _narrow_traced(positions, POSITION_DTYPE, 255)
         self._set((values, positions), ((shape, bool(transposed)), n, m))
 
     def _set(self, children, aux):
@@ -580,8 +598,8 @@ class NM(SparseMatrix):
         # Rank by magnitude (nonzeros first, ties by position), keep n, restore column order.
         score = jnp.abs(groups.astype(jnp.float32))
         keep = jnp.sort(jnp.argsort(-score, axis=-1, stable=True)[..., :n], axis=-1)
-        values = jnp.take_along_axis(groups, keep, axis=-1).reshape(rows, -1)
-        positions = keep.astype(POSITION_DTYPE).reshape(rows, -1)
+        values = jnp.take_along_axis(groups, keep, axis=-1).reshape(rows, k // m * n)
+        positions = keep.astype(POSITION_DTYPE).reshape(rows, k // m * n)
         return cls((values, positions), shape=(rows, k), n=n, m=m)
 
     @classmethod
@@ -601,3 +619,103 @@ def nm_columns(positions, n: int, m: int):
     slots = positions.shape[-1]
     group = (jnp.arange(slots, dtype=INDEX_DTYPE) // n) * m
     return group + positions.astype(INDEX_DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-time structure checks for traced patterns.
+#
+# Inside ``jit`` the constructors see only shapes, and XLA gathers clamp and scatters drop
+# out-of-range indices, so a malformed pattern would give a quiet wrong answer on the pure-JAX
+# path. ``check_pattern_runtime`` computes, in O(nnz + rows), whether the pattern is well formed
+# and, only when it is not, calls back into Python (``jax.debug.callback`` inside a ``lax.cond``)
+# to raise a ``ValueError`` naming the first problem. XLA reports it as a ``JaxRuntimeError``
+# whose message contains that ``ValueError``; the outputs of the failed computation are errors
+# too, so the bad result can never be read. The callback is a side-effecting op, which XLA does not
+# remove; it works on every platform that supports host callbacks (CPU, GPU, TPU).
+
+
+def _raise_compressed(diag, *, where, fmt, rows, cols, nnz):
+    ip0, any_step, r, ip_r, ip_r1, last, any_bad, p, v = (int(d) for d in np.asarray(diag))
+    unit, entries = ("block ", "blocks") if fmt == "bsr" else ("", "entries")
+    if ip0 != 0:
+        msg = f"indptr[0] must be 0, got indptr[0]={ip0}"
+    elif any_step:
+        msg = (f"indptr must be non-decreasing, but indptr[{r + 1}]={ip_r1} < "
+               f"indptr[{r}]={ip_r}")
+    elif last != nnz:
+        msg = (f"indptr[-1] must equal the number of stored {entries} (len(indices)={nnz}), "
+               f"got indptr[-1]={last}")
+    elif any_bad:
+        msg = f"indices[{p}]={v} is out of range [0, {cols}) for {cols} {unit}columns"
+    else:  # pragma: no cover - the callback only runs when a check failed
+        msg = "malformed pattern"
+    raise ValueError(f"{where}: malformed {fmt} pattern (checked at run time): {msg}")
+
+
+def _raise_nm(diag, *, where, m, width):
+    p, v = (int(d) for d in np.asarray(diag))
+    raise ValueError(f"{where}: malformed nm pattern (checked at run time): "
+                     f"positions[{p // width}, {p % width}]={v} is out of range [0, {m}) "
+                     f"(values that do not fit uint8 show as 255)")
+
+
+def _fail_if(ok, callback, diag):
+    jax.lax.cond(ok, lambda d: None, lambda d: jax.debug.callback(callback, d), diag)
+
+
+def check_pattern_runtime(pattern, fmt: str, shape, nm=None, block=None, *, where: str):
+    """Raise (at run time, from inside ``jit``) if the pattern arrays are malformed.
+
+    Checks what the kernels need to stay in bounds: CSR/BSR ``indptr`` starts at 0, never
+    decreases and ends at ``len(indices)``, every index lies in ``[0, columns)``; N:M positions
+    lie in ``[0, m)``. (Sorting and uniqueness within a row are not checked here: duplicates add
+    up, which is the meaning a COO-like reading gives them.) Cost O(nnz + rows), and a host
+    callback only when a check fails. Use it at the start of every lowering that does not
+    validate on its own (the pure-JAX reference, Pallas kernels).
+
+    The host callback adds to XLA's compile time (a few tenths of a second per compiled
+    computation on a small CPU); ``JAXSPARSE_RUNTIME_CHECKS=0`` in the environment (read when a
+    computation is lowered) turns the check off for code whose patterns are known to be valid.
+    """
+    if os.environ.get("JAXSPARSE_RUNTIME_CHECKS", "1") == "0":
+        return
+    m, k = shape
+    if fmt == "nm":
+        (positions,) = pattern
+        if positions.size == 0:
+            return
+        n, group = nm
+        flat = positions.reshape(-1).astype(jnp.int32)
+        bad = (flat < 0) | (flat >= group)
+        p = jnp.argmax(bad).astype(jnp.int32)
+        diag = jnp.stack([p, flat[p]])
+        _fail_if(~jnp.any(bad), functools.partial(_raise_nm, where=where, m=group,
+                                                  width=positions.shape[1]), diag)
+        return
+    indices, indptr = pattern
+    cols = k // block[1] if fmt == "bsr" else k
+    rows = indptr.shape[0] - 1
+    nnz = indices.shape[0]
+    zero = jnp.zeros((), jnp.int32)
+    ip = indptr.astype(jnp.int32)
+    ip0, last = ip[0], ip[-1]
+    if rows > 0:
+        steps = ip[1:] < ip[:-1]
+        any_step = jnp.any(steps)
+        r = jnp.argmax(steps).astype(jnp.int32)
+        ip_r, ip_r1 = ip[r], ip[r + 1]
+    else:
+        any_step, r, ip_r, ip_r1 = jnp.zeros((), bool), zero, zero, zero
+    if nnz > 0:
+        ix = indices.astype(jnp.int32)
+        bad = (ix < 0) | (ix >= cols)
+        any_bad = jnp.any(bad)
+        p = jnp.argmax(bad).astype(jnp.int32)
+        v = ix[p]
+    else:
+        any_bad, p, v = jnp.zeros((), bool), zero, zero
+    ok = (ip0 == 0) & ~any_step & (last == nnz) & ~any_bad
+    diag = jnp.stack([ip0, any_step.astype(jnp.int32), r, ip_r, ip_r1, last,
+                      any_bad.astype(jnp.int32), p, v])
+    _fail_if(ok, functools.partial(_raise_compressed, where=where, fmt=fmt, rows=rows, cols=cols,
+                                   nnz=nnz), diag)

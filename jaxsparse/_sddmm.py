@@ -21,9 +21,9 @@ from jax.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, row_ids
+from jaxsparse._formats import SparseMatrix, check_pattern_runtime, row_ids
 from jaxsparse._spmm import (check_bsr_blocks, check_pattern, compute_dtype, coo_index,
-                             map_over_batch, spmm_p)
+                             map_over_batch, out_aval, spmm_p)
 
 __all__ = ["sddmm_p", "sddmm"]
 
@@ -41,6 +41,10 @@ def sddmm(a, b, pattern: SparseMatrix, *, backend: str | None = None) -> SparseM
     ``a`` is ``[M, K]``, ``b`` is ``[K, N]``, ``pattern`` is ``[M, N]`` (CSR, BSR or N:M; a lazily
     transposed pattern works too). For ``q @ k.T`` pass ``k.T``: inside ``jit`` the transpose is
     folded into the kernel call.
+
+    NaN and Inf: the result equals the dense product sampled at the pattern, so a NaN in row ``i``
+    of ``a`` reaches only the stored entries of row ``i`` (and a NaN in column ``j`` of ``b`` only
+    those of column ``j``); entries outside the pattern are never computed.
 
     >>> p = jaxsparse.CSR.fromdense(jnp.eye(2))
     >>> jaxsparse.sddmm(jnp.ones((2, 3)), jnp.ones((3, 2)), p).data.tolist()
@@ -86,7 +90,9 @@ def sddmm_values(lhs, rhs, pattern: SparseMatrix, *, transpose_lhs=False, transp
 
 def sddmm_reference(lhs, rhs, *pattern, fmt, shape, nm, block, transpose_lhs, transpose_rhs,
                     backend=None):
-    """Pure-JAX SDDMM with the semantics of :data:`sddmm_p`."""
+    """Pure-JAX SDDMM with the semantics of :data:`sddmm_p` (the pattern is checked at run time
+    first, see :func:`jaxsparse._formats.check_pattern_runtime`)."""
+    check_pattern_runtime(pattern, fmt, shape, nm, block, where="sddmm")
     out_dtype = lhs.dtype
     cd = compute_dtype(out_dtype)
     lm = (lhs.T if transpose_lhs else lhs).astype(cd)  # [M, K]
@@ -131,7 +137,7 @@ def _sddmm_abstract_eval(lhs, rhs, *pattern, fmt, shape, nm, block, transpose_lh
     if lk != rk or (lm, rn) != tuple(shape):
         raise ValueError(f"sddmm: op(lhs) is {(lm, lk)} and op(rhs) is {(rk, rn)}; their product "
                          f"must match the pattern shape {tuple(shape)}")
-    return jax.core.ShapedArray(out_shape, lhs.dtype)
+    return out_aval(out_shape, lhs.dtype, lhs, rhs, *pattern)
 
 
 # ----------------------------------------------------------------------------------------------

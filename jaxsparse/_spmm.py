@@ -15,6 +15,7 @@ of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, nm_columns, row_ids
+from jaxsparse._formats import SparseMatrix, check_pattern_runtime, nm_columns, row_ids
 
 __all__ = ["spmm_p", "matmul", "spmm"]
 
@@ -47,6 +48,15 @@ def matmul(a, b, *, backend: str | None = None):
 
     Operands are promoted to a common dtype as ``jnp.matmul`` does; half types accumulate in
     float32. ``backend`` overrides :func:`jaxsparse.use_backend` for this call.
+
+    NaN and Inf: only *stored* entries are multiplied, so a structural zero of the sparse operand
+    times a NaN/Inf of the dense one contributes nothing, where a dense product would give NaN
+    (``0 * nan``). A stored zero (an explicit zero, a zero inside a stored BSR block, an unused
+    N:M slot) does give NaN, as in a dense product. NaN/Inf in the sparse values propagate as usual.
+
+    Malformed patterns (indices out of range, ``indptr`` not monotone or not ending at nnz, N:M
+    positions >= m) raise: at construction for concrete arrays, and at run time from inside
+    ``jit`` when the matrix was built from traced arrays.
 
     >>> a = jaxsparse.CSR.fromdense(jnp.eye(3))
     >>> (a @ jnp.ones(3)).tolist()
@@ -94,7 +104,7 @@ def _dense_sparse(x, a: SparseMatrix, backend: str):
         raise ValueError(f"matmul: contraction dimensions do not match: dense a.shape={x.shape}, "
                          f"sparse b.shape={a.shape} (need a.shape[-1] == {m})")
     lead = x.shape[:-1]
-    out = spmm(a, x.reshape(-1, m), transpose_a=not a.transposed, layout="nk", backend=backend)
+    out = spmm(a, x.reshape(math.prod(lead), m), transpose_a=not a.transposed, layout="nk", backend=backend)
     return out.reshape(*lead, k)
 
 
@@ -138,27 +148,37 @@ def compute_dtype(dtype):
 
 
 def spmm_reference(data, *rest, fmt, shape, nm, transpose_a, layout, backend=None):
-    """Pure-JAX SpMM with the semantics of :data:`spmm_p`."""
+    """Pure-JAX SpMM with the semantics of :data:`spmm_p`.
+
+    The pattern is checked at run time first (:func:`check_pattern_runtime`): XLA gathers clamp
+    and scatters drop out-of-range indices, so without it a malformed traced pattern would give a
+    quiet wrong answer. Only stored entries are multiplied: a structural zero of ``A`` times a NaN
+    or Inf of ``b`` contributes nothing (a dense product would give NaN); a stored zero does give
+    NaN, as in a dense product.
+    """
     *pattern, b = rest
+    block = data.shape[1:] if fmt == "bsr" else None
+    check_pattern_runtime(pattern, fmt, shape, nm, block, where="spmm")
     out_dtype = data.dtype
     cd = compute_dtype(out_dtype)
     data, b = data.astype(cd), b.astype(cd)
     if layout == "nk":
         b = b.T
     m, k = shape
+    n = b.shape[1]  # explicit sizes below: a -1 in reshape fails when another dimension is 0
     if fmt == "bsr":
         indices, indptr = pattern
         bm, bk = data.shape[1:]
         brows = row_ids(indptr, indices.shape[0])
         hi = jax.lax.Precision.HIGHEST
         if not transpose_a:
-            g = b.reshape(k // bk, bk, -1)[indices]
+            g = b.reshape(k // bk, bk, n)[indices]
             prod = jnp.einsum("zij,zjn->zin", data, g, precision=hi)
-            out = jax.ops.segment_sum(prod, brows, num_segments=m // bm).reshape(m, -1)
+            out = jax.ops.segment_sum(prod, brows, num_segments=m // bm).reshape(m, n)
         else:
-            g = b.reshape(m // bm, bm, -1)[brows]
+            g = b.reshape(m // bm, bm, n)[brows]
             prod = jnp.einsum("zij,zin->zjn", data, g, precision=hi)
-            out = jax.ops.segment_sum(prod, indices, num_segments=k // bk).reshape(k, -1)
+            out = jax.ops.segment_sum(prod, indices, num_segments=k // bk).reshape(k, n)
     else:
         rows, cols = coo_index(pattern, fmt, shape, nm)
         vals = data.reshape(-1)
@@ -183,7 +203,8 @@ def check_pattern(pattern, fmt, shape, nm, where):
             raise TypeError(f"{where}: {fmt} needs (indices, indptr), got {len(pattern)} arrays")
         indices, indptr = pattern
         for name, arr in (("indices", indices), ("indptr", indptr)):
-            if arr.dtype != np.int32 or arr.ndim != 1:
+            packed = fmt == "csr" and name == "indices" and arr.dtype == np.uint16  # pack()
+            if (arr.dtype != np.int32 and not packed) or arr.ndim != 1:
                 raise TypeError(f"{where}: {name} must be 1-D int32, got "
                                 f"{name}.shape={arr.shape}, {name}.dtype={arr.dtype}")
         if fmt == "csr":
@@ -213,6 +234,21 @@ def check_bsr_blocks(indptr, shape, block, where):
                          f"{shape[0] // bm} block rows (shape={shape}, block={block})")
 
 
+def out_aval(shape, dtype, *avals):
+    """The output aval, carrying the inputs' varying manual axes: inside ``shard_map`` a value that
+    varies over a mesh axis must be typed so, or transposes (``grad``) fail with "Expected
+    cotangent type float32[...]{V:x}". Takes the input that varies over the most axes."""
+    def varying(a):
+        return getattr(getattr(a, "manual_axis_type", None), "varying", None) or frozenset()
+
+    best = max(avals, key=lambda a: len(varying(a)), default=None)
+    if best is None or not varying(best):
+        return jax.core.ShapedArray(shape, dtype)
+    spec = jax.sharding.PartitionSpec(*([None] * len(shape)))
+    return best.update(shape=tuple(shape), dtype=dtype, weak_type=False,
+                       sharding=best.sharding.update(spec=spec))
+
+
 def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backend):
     *pattern, b = rest
     want = check_pattern(pattern, fmt, shape, nm, "spmm")
@@ -235,7 +271,7 @@ def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backen
                          f"(transpose_a={transpose_a}), b.shape={b.shape} (layout={layout!r})")
     n = b.shape[1] if layout == "kn" else b.shape[0]
     out_shape = (rows, n) if layout == "kn" else (n, rows)
-    return jax.core.ShapedArray(out_shape, data.dtype)
+    return out_aval(out_shape, data.dtype, data, *rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +334,9 @@ def _spmm_batch(args, dims, *, fmt, shape, nm, transpose_a, layout, backend):
         b = jnp.moveaxis(b, b_dim, 0)
         nb = b.shape[0]
         if layout == "nk":
-            out = spmm_p.bind(*sparse_args, b.reshape(-1, b.shape[-1]), **params)
-            return out.reshape(nb, -1, out.shape[-1]), 0
+            rows, kk = b.shape[1:]
+            out = spmm_p.bind(*sparse_args, b.reshape(nb * rows, kk), **params)
+            return out.reshape(nb, rows, out.shape[-1]), 0
         kk, n = b.shape[1:]
         folded = jnp.moveaxis(b, 0, 1).reshape(kk, nb * n)
         out = spmm_p.bind(*sparse_args, folded, **params)

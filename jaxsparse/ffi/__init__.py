@@ -13,6 +13,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.interpreters import mlir
 
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
@@ -37,42 +38,101 @@ def _native_dtype(dtype) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Run-time knobs of the kernels (tests and benchmarks).
+
+ISAS = ("auto", "avx512", "avx2", "scalar")
+
+
+def set_isa(name: str) -> None:
+    """Force the instruction set of the float32/bfloat16 kernels: ``"avx512"``, ``"avx2"``,
+    ``"scalar"`` (portable C++), or ``"auto"`` (the widest this CPU supports; the default, or
+    ``$JAXSPARSE_ISA`` at import). Takes effect at the next kernel call, compiled or not."""
+    _require()
+    if name not in ISAS:
+        raise ValueError(f"set_isa: unknown instruction set {name!r}; expected one of {ISAS}")
+    _jaxsparse_cpu.set_isa(name)
+
+
+def get_isa() -> str:
+    """The instruction set the float32/bfloat16 kernels use now."""
+    _require()
+    return _jaxsparse_cpu.get_isa()
+
+
+def isa_supported(name: str) -> bool:
+    """Whether this CPU can run the ``name`` build of the kernels."""
+    _require()
+    return bool(_jaxsparse_cpu.isa_supported(name))
+
+
+def set_max_threads(n: int) -> None:
+    """Cap the threads each kernel call uses on XLA's intra-op pool (0: no cap, the default)."""
+    _require()
+    _jaxsparse_cpu.set_max_threads(int(n))
+
+
+def get_max_threads() -> int:
+    _require()
+    return int(_jaxsparse_cpu.get_max_threads())
+
+
+def _require():
+    if not AVAILABLE:
+        raise RuntimeError(UNAVAILABLE_REASON)
+
+
+# ----------------------------------------------------------------------------------------------
 # Native implementations: pure-JAX wrappers around ffi_call, lowered with mlir.lower_fun.
+#
+# The ffi_call is not registered as batch-partitionable (jax.ffi.register_ffi_target_as_batch_
+# partitionable): every operand of these kernels is a single 2-D matrix with no leading batch
+# dimension to shard over (vmap folds batches into N or maps over them before lowering), so the
+# partitioner would have nothing to split.
 
 
-def _csr_spmm(data, indices, indptr, b, *, shape, transpose_a, layout, **_):
-    del transpose_a  # only the non-transposed product has a native kernel so far
-    if layout == "nk":
-        b = b.T
-    out_type = jax.ShapeDtypeStruct((shape[0], b.shape[1]), data.dtype)
-    out = jax.ffi.ffi_call("jaxsparse_csr_spmm", out_type)(data, indices, indptr, b)
-    return out.T if layout == "nk" else out
+def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, **_):
+    del transpose_a  # the selector only sends transpose_a=False here
+    *pattern, b = rest
+    nk = layout == "nk"
+    n = b.shape[0] if nk else b.shape[1]
+    out_shape = (n, shape[0]) if nk else (shape[0], n)
+    out_type = jax.ShapeDtypeStruct(out_shape, data.dtype)
+    if fmt == "nm":
+        (positions,) = pattern
+        return jax.ffi.ffi_call("jaxsparse_nm_spmm", out_type)(
+            data, positions.astype(jnp.uint8), b, n=np.int64(nm[0]), m=np.int64(nm[1]),
+            nk=np.bool_(nk))
+    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_spmm", out_type)(data, *pattern, b, nk=np.bool_(nk))
 
 
-def _csr_sddmm(lhs, rhs, indices, indptr, *, transpose_lhs, transpose_rhs, **_):
+def _sddmm_native(lhs, rhs, *pattern, fmt, block, transpose_lhs, transpose_rhs, **_):
     lm = lhs.T if transpose_lhs else lhs  # [M, K]
     rn = rhs if transpose_rhs else rhs.T  # [N, K]
-    out_type = jax.ShapeDtypeStruct(indices.shape, lhs.dtype)
-    return jax.ffi.ffi_call("jaxsparse_csr_sddmm", out_type)(lm, rn, indices, indptr)
+    indices, _indptr = pattern
+    out_shape = indices.shape if fmt == "csr" else (indices.shape[0], *block)
+    out_type = jax.ShapeDtypeStruct(out_shape, lhs.dtype)
+    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_sddmm", out_type)(lm, rn, *pattern)
 
 
 def _spmm_kernel(avals, params):
     """The native SpMM for these operands and parameters, or None with the reason."""
-    if params["fmt"] != "csr":
+    if params["fmt"] not in ("csr", "bsr", "nm"):
         return None, f"no native {params['fmt']} SpMM kernel"
     if params["transpose_a"]:
-        return None, "no native transposed-A SpMM kernel"
+        return None, "no native transposed-A SpMM kernel (gradients use the reference)"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SpMM kernel for {avals[0].dtype}"
-    return _csr_spmm, None
+    return _spmm_native, None
 
 
 def _sddmm_kernel(avals, params):
-    if params["fmt"] != "csr":
+    if params["fmt"] not in ("csr", "bsr"):
         return None, f"no native {params['fmt']} SDDMM kernel"
+    if avals[2].dtype != np.int32:
+        return None, f"no native SDDMM kernel for {avals[2].dtype} (packed) indices"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SDDMM kernel for {avals[0].dtype}"
-    return _csr_sddmm, None
+    return _sddmm_native, None
 
 
 def _cpu_lowering(select, reference):

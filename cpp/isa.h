@@ -1,0 +1,84 @@
+// Interface between the FFI handlers and the per-instruction-set kernel implementations.
+//
+// Every kernel exists in up to three builds of the same source (isa_kernels.inc): AVX-512
+// (isa_avx512.cc, compiled with -mavx512f...), AVX2+FMA (isa_avx2.cc, -mavx2 -mfma) and a portable
+// one (isa_scalar.cc, no flags). The handlers pick one at run time with __builtin_cpu_supports, so
+// the extension runs on any x86-64. Only plain C types cross this boundary: the wide-ISA
+// translation units include no shared inline code that the linker could merge with a portable copy.
+#ifndef JAXSPARSE_ISA_H_
+#define JAXSPARSE_ISA_H_
+
+#include <cstdint>
+
+namespace jaxsparse {
+
+// Element types the kernels handle. The vector builds take F32 and BF16 (f32 accumulation); the
+// portable build takes all four.
+enum Dt : int { kF32 = 0, kBF16 = 1, kF64 = 2, kF16 = 3 };
+enum Fmt : int { kCsr = 0, kBsr = 1, kNm = 2 };
+
+// A sparse matrix A [M, K] (stored, not transposed) times a dense B [K, N] (row stride ldb).
+// Rows are block rows for BSR.
+struct SpmmProblem {
+  int fmt;
+  int dt;
+  const void* data;              // csr [nnz], bsr [nblocks, bm, bk], nm [M, slots]
+  const int32_t* indices;        // csr / bsr
+  const uint16_t* indices16;     // csr packed by jaxsparse.pack (then indices is null)
+  const int32_t* indptr;         // csr / bsr
+  const uint8_t* positions;      // nm [M, slots]
+  const int32_t* group_base;     // nm [slots]: first column of each slot's group (s / n * m)
+  int64_t slots;                 // nm: stored values per row
+  int64_t bm, bk;                // bsr block size (1, 1 otherwise)
+  const void* b;                 // [K, N]
+  int64_t ldb;
+  bool b_f32;                    // b holds float32 (a widened copy of a half-type operand)
+  int64_t n;
+};
+
+// SDDMM on a CSR or BSR pattern [M, N]: out[p] = dot(lhs[row(p)], rhs[col(p)]) with lhs [M, K]
+// and rhs [N, K] row-major (row strides ldl, ldr).
+struct SddmmProblem {
+  int fmt;
+  int dt;
+  const void* lhs;
+  int64_t ldl;
+  const void* rhs;
+  int64_t ldr;
+  const int32_t* indices;
+  const int32_t* indptr;
+  int64_t bm, bn;
+  int64_t k;
+  void* out;
+};
+
+struct IsaKernels {
+  const char* name;
+  // Rows [r0, r1) of A @ B into c (row stride ldc, element type p.dt).
+  void (*spmm_rows)(const SpmmProblem& p, int64_t r0, int64_t r1, void* c, int64_t ldc);
+  // N = 1: y[r] = A[r, :] . x for rows [r0, r1); x is float32 [K], y has type p.dt.
+  void (*spmv_rows)(const SpmmProblem& p, const float* x, int64_t r0, int64_t r1, void* y);
+  void (*sddmm_rows)(const SddmmProblem& p, int64_t r0, int64_t r1);
+  // dst[j, i] = src[i, j] for i < rows, j < cols (element type dt).
+  void (*transpose)(int dt, const void* src, int64_t rows, int64_t cols, int64_t lds, void* dst,
+                    int64_t ldd);
+};
+
+const IsaKernels& KernelsScalar();
+const IsaKernels& KernelsAvx2();
+const IsaKernels& KernelsAvx512();
+
+// The kernels in force for this call: the widest the CPU supports, or the one forced by
+// SetIsa (tests) / $JAXSPARSE_ISA. `dt` outside the vector builds always gets the portable one.
+const IsaKernels& SelectKernels(int dt);
+// "auto", "avx512", "avx2" or "scalar"; returns false for an unknown or unsupported name.
+bool SetIsa(const char* name);
+const char* IsaName();          // the ISA float32 kernels use now
+bool IsaSupported(const char* name);
+// Caps the threads a kernel uses (0: all of XLA's intra-op pool).
+void SetMaxThreads(int64_t n);
+int64_t MaxThreads();
+
+}  // namespace jaxsparse
+
+#endif  // JAXSPARSE_ISA_H_

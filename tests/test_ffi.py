@@ -1,0 +1,281 @@
+"""The native CPU kernels (``jaxsparse.ffi``): every shared SpMM/SDDMM case with backend="ffi",
+plus the paths the shared bases cannot pick: each instruction-set build, thread counts, N = 1,
+the nk (linear-layer) layout, and malformed sparse structure that only the kernel can see.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsparse
+from jaxsparse import ffi
+from sparse_testing import assert_close, random_sparse, rounded
+from test_sddmm import SddmmTestBase
+from test_spmm import SpmmTestBase
+
+pytestmark = pytest.mark.skipif(not ffi.AVAILABLE, reason=str(ffi.UNAVAILABLE_REASON))
+
+_KN = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="ffi"))
+_NK = jax.jit(lambda a, x: jaxsparse.matmul(x, a.T, backend="ffi"))
+_SDDMM = jax.jit(lambda l, r, p: jaxsparse.sddmm(l, r, p, backend="ffi").values)
+
+ISAS = [isa for isa in ("avx512", "avx2", "scalar") if ffi.AVAILABLE and ffi.isa_supported(isa)]
+
+
+class TestSpmmFFI(SpmmTestBase):
+    backend = "ffi"
+
+
+class TestSddmmFFI(SddmmTestBase):
+    backend = "ffi"
+
+
+@contextlib.contextmanager
+def isa(name):
+    ffi.set_isa(name)
+    try:
+        yield
+    finally:
+        ffi.set_isa("auto")
+
+
+@contextlib.contextmanager
+def max_threads(n):
+    ffi.set_max_threads(n)
+    try:
+        yield
+    finally:
+        ffi.set_max_threads(0)
+
+
+def _skewed(rng, shape, fmt, dtype, density=0.2):
+    """A random matrix with empty rows and a few very long ones (DLMC-like skew)."""
+    m, k = shape
+    if fmt == "bsr":
+        return random_sparse(rng, shape, density, fmt, dtype, block=(4, 8))
+    if fmt == "nm":
+        return random_sparse(rng, shape, 1.0, fmt, dtype, nm=(2, 4))
+    mask = rng.random(shape) < density
+    mask[::5] = False
+    mask[3] = True
+    mask[m // 2, ::2] = True
+    dense = rng.standard_normal(shape) * mask
+    _, dense64 = rounded(dense, dtype)
+    return jaxsparse.CSR.fromdense(jnp.asarray(dense64).astype(dtype)), dense64
+
+
+def _products(a, n, rng, dtype):
+    """kn (A @ X) and nk (X @ A.T) with their float64 references."""
+    m, k = a.shape
+    a64 = np.asarray(a.todense().astype(jnp.float64))
+    x, x64 = rounded(rng.standard_normal((k, n)), dtype)
+    xt, xt64 = rounded(rng.standard_normal((n, k)), dtype)
+    return [(_KN, x, a64 @ x64), (_NK, xt, xt64 @ a64.T)]
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
+def test_native_targets_in_hlo(rng, fmt):
+    """auto lowers kn, nk and N = 1 of every format to the native kernels (no silent fallback)."""
+    a, _ = random_sparse(rng, (16, 32), 0.3, fmt, jnp.float32)
+    target = f"jaxsparse_{fmt}_spmm"
+    for fn, x in [(lambda a, x: jaxsparse.matmul(a, x), jnp.ones((32, 8), jnp.float32)),
+                  (lambda a, x: jaxsparse.matmul(x, a.T), jnp.ones((8, 32), jnp.float32)),
+                  (lambda a, x: a @ x, jnp.ones((32,), jnp.float32)),
+                  (lambda a, x: x @ a.T, jnp.ones((3, 5, 32), jnp.float32))]:
+        assert target in jax.jit(fn).lower(a, x).as_text()
+    assert target not in jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference")).lower(
+        a, jnp.ones((32, 8), jnp.float32)).as_text()
+    if fmt != "nm":
+        p = jax.jit(lambda l, r, p: jaxsparse.sddmm(l, r, p).values).lower(
+            jnp.ones((16, 4)), jnp.ones((4, 32)), a).as_text()
+        assert f"jaxsparse_{fmt}_sddmm" in p
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
+def test_isa_paths_agree(rng, fmt, dtype):
+    """Each instruction-set build gives the reference result, for strip widths, tails and N = 1."""
+    a, _ = _skewed(rng, (40, 72), fmt, dtype)
+    for n in (1, 5, 37, 128):  # N = 1 SpMV; tail only; strips of 16 + tail; strips of 64
+        for fn, x, expected in _products(a, n, rng, dtype):
+            outs = []
+            for name in ISAS:
+                with isa(name):
+                    assert ffi.get_isa() == name
+                    outs.append(np.asarray(fn(a, x).astype(jnp.float32)))
+                assert_close(outs[-1], expected, dtype)
+            for o in outs[1:]:  # builds differ only in summation order
+                assert_close(o, outs[0].astype(np.float64), dtype)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_isa_paths_agree_sddmm(rng, fmt):
+    pattern, _ = _skewed(rng, (40, 72), fmt, jnp.float32)
+    mask = np.asarray(pattern.with_values(jnp.ones_like(pattern.values)).todense()) != 0
+    for k in (7, 70):  # masked tail only; 4 full vectors + tail
+        for dtype in (jnp.float32, jnp.bfloat16):
+            lhs, l64 = rounded(rng.standard_normal((40, k)), dtype)
+            rhs, r64 = rounded(rng.standard_normal((k, 72)), dtype)
+            expected = np.where(mask, l64 @ r64, 0)
+            for name in ISAS:
+                with isa(name):
+                    out = _SDDMM(lhs, rhs, pattern.astype(dtype))
+                assert_close(pattern.with_values(out).todense(), expected, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
+def test_thread_counts_agree(rng, fmt):
+    """One thread and the whole pool give bitwise equal results (rows never split a sum)."""
+    a, _ = _skewed(rng, (200, 96), fmt, jnp.float32)
+    for n in (1, 40):
+        for fn, x, expected in _products(a, n, rng, jnp.float32):
+            with max_threads(1):
+                one = np.asarray(fn(a, x))
+            many = np.asarray(fn(a, x))
+            np.testing.assert_array_equal(one, many)
+            assert_close(many, expected, jnp.float32)
+    pattern = a if fmt != "nm" else _skewed(rng, (200, 96), "csr", jnp.float32)[0]
+    l, r = jnp.ones((200, 9), jnp.float32), jnp.asarray(rng.standard_normal((9, 96)), jnp.float32)
+    with max_threads(1):
+        one = np.asarray(_SDDMM(l, r, pattern))
+    np.testing.assert_array_equal(one, np.asarray(_SDDMM(l, r, pattern)))
+
+
+def test_knobs_validate():
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        ffi.set_isa("sse9")
+    assert ffi.get_isa() in ISAS
+    with max_threads(3):
+        assert ffi.get_max_threads() == 3
+    assert ffi.get_max_threads() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Malformed structure built from traced arrays inside jit: Python cannot check the values, the
+# kernel must refuse them instead of reading out of bounds.
+
+
+def _run_csr(data, indices, indptr, shape, layout):
+    @jax.jit
+    def f(data, indices, indptr):
+        a = jaxsparse.CSR((data, indices, indptr), shape=shape)
+        if layout == "kn":
+            return jaxsparse.matmul(a, jnp.ones((shape[1], 3), jnp.float32), backend="ffi")
+        return jaxsparse.matmul(jnp.ones((3, shape[1]), jnp.float32), a.T, backend="ffi")
+
+    return jax.block_until_ready(f(jnp.asarray(data, jnp.float32), jnp.asarray(indices, jnp.int32),
+                                   jnp.asarray(indptr, jnp.int32)))
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("case, indices, indptr, message", [
+    ("column out of range", [0, 6, 1], [0, 2, 3], r"indices\[1\]=6 is out of range \[0, 6\)"),
+    ("negative column", [0, -1, 1], [0, 2, 3], r"indices\[1\]=-1 is out of range"),
+    ("indptr decreasing", [0, 1, 2], [0, 3, 2], r"indptr must be non-decreasing"),
+    ("indptr past nnz", [0, 1, 2], [0, 1, 9], r"indptr\[-1\] must equal nnz=3, got 9"),
+    ("indptr[0] not 0", [0, 1, 2], [1, 2, 3], r"indptr\[0\] must be 0"),
+])
+def test_malformed_csr_in_jit(case, indices, indptr, message, layout):
+    with pytest.raises(Exception, match=f"csr_spmm: {message}"):
+        _run_csr(np.ones(3), indices, indptr, (2, 6), layout)
+
+
+def test_malformed_bsr_nm_sddmm_in_jit():
+    @jax.jit
+    def bsr(data, indices, indptr):
+        a = jaxsparse.BSR((data, indices, indptr), shape=(4, 8))
+        return jaxsparse.matmul(a, jnp.ones((8, 2), jnp.float32), backend="ffi")
+
+    data = jnp.ones((2, 2, 4), jnp.float32)
+    with pytest.raises(Exception, match=r"bsr_spmm: indices\[1\]=2 is out of range \[0, 2\)"):
+        jax.block_until_ready(bsr(data, jnp.array([0, 2], jnp.int32), jnp.array([0, 1, 2], jnp.int32)))
+    with pytest.raises(Exception, match=r"bsr_spmm: indptr\[-1\] must equal nnz=2"):
+        jax.block_until_ready(bsr(data, jnp.array([0, 1], jnp.int32), jnp.array([0, 1, 5], jnp.int32)))
+
+    @jax.jit
+    def nm(values, positions):
+        a = jaxsparse.NM((values, positions), shape=(2, 8), n=2, m=4)
+        return jaxsparse.matmul(jnp.ones((3, 8), jnp.float32), a.T, backend="ffi")
+
+    pos = jnp.array([[0, 1, 2, 3], [1, 2, 0, 7]], jnp.int32)
+    with pytest.raises(Exception, match=r"nm_spmm: positions\[1, 3\]=7 is out of range \[0, 4\)"):
+        jax.block_until_ready(nm(jnp.ones((2, 4), jnp.float32), pos))
+
+    @jax.jit
+    def sddmm(indices, indptr):
+        p = jaxsparse.CSR((jnp.ones(3, jnp.float32), indices, indptr), shape=(2, 6))
+        return jaxsparse.sddmm(jnp.ones((2, 4), jnp.float32), jnp.ones((4, 6), jnp.float32), p,
+                               backend="ffi").values
+
+    with pytest.raises(Exception, match=r"csr_sddmm: indices\[2\]=60 is out of range \[0, 6\)"):
+        jax.block_until_ready(sddmm(jnp.array([0, 1, 60], jnp.int32), jnp.array([0, 2, 3], jnp.int32)))
+
+    @jax.jit
+    def bsr_sddmm(indices, indptr):
+        p = jaxsparse.BSR((jnp.ones((1, 2, 3), jnp.float32), indices, indptr), shape=(4, 6))
+        return jaxsparse.sddmm(jnp.ones((4, 4), jnp.float32), jnp.ones((4, 6), jnp.float32), p,
+                               backend="ffi").values
+
+    with pytest.raises(Exception, match=r"bsr_sddmm: indices\[0\]=2 is out of range \[0, 2\)"):
+        jax.block_until_ready(bsr_sddmm(jnp.array([2], jnp.int32), jnp.array([0, 1, 1], jnp.int32)))
+
+
+def test_large_k_and_long_rows(rng):
+    """A row longer than every vector strip, K > 2**16, N = 1 gather path with tails."""
+    k = 70001
+    cols = np.unique(rng.integers(0, k, 3000)).astype(np.int32)
+    import scipy.sparse as sp
+    s = sp.csr_matrix((rng.standard_normal(cols.size), (np.zeros(cols.size, int), cols)),
+                      shape=(3, k))
+    a = jaxsparse.CSR.from_scipy(s.astype(np.float32))
+    x = rng.standard_normal(k).astype(np.float32)
+    assert_close(jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="ffi"))(a, x),
+                 s.astype(np.float64) @ x.astype(np.float64), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# jaxsparse.pack: 16-bit column indices for fixed weights.
+
+
+def test_pack_matches_unpacked_on_every_path(rng):
+    a, a64 = _skewed(rng, (40, 300), "csr", jnp.float32)
+    p = jaxsparse.pack(a)
+    assert isinstance(p, jaxsparse.PackedCSR) and p.indices.dtype == np.uint16
+    assert jaxsparse.pack(p) is p
+    for n in (1, 37):
+        for fn, x, expected in _products(p, n, rng, jnp.float32):
+            assert "jaxsparse_csr_spmm" in fn.lower(p, x).as_text()
+            for name in ISAS:
+                with isa(name):
+                    assert_close(fn(p, x), expected, jnp.float32)
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    ref = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference"))(p, x)
+    assert_close(ref, a64 @ x, jnp.float32)
+    # Gradients with respect to the values (reference SDDMM on the packed pattern).
+    g = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(p.with_values(v), x)))(p.data)
+    g_ref = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(a.with_values(v), x)))(a.data)
+    assert_close(g, np.asarray(g_ref, np.float64), jnp.float32)
+
+
+def test_pack_leaves_other_formats_and_large_k():
+    b = jaxsparse.BSR.fromdense(jnp.ones((4, 4), jnp.float32), block_size=(2, 2))
+    assert jaxsparse.pack(b) is b
+    import scipy.sparse as sp
+    wide = jaxsparse.CSR.from_scipy(sp.eye(2, 70000, format="csr", dtype=np.float32))
+    assert jaxsparse.pack(wide) is wide
+    with pytest.raises(TypeError, match="pack: expected a jaxsparse matrix"):
+        jaxsparse.pack(np.ones((2, 2)))
+
+
+def test_malformed_packed_indices_in_jit():
+    @jax.jit
+    def f(indices):
+        p = jaxsparse.PackedCSR.tree_unflatten(((2, 6), False), (
+            jnp.ones(3, jnp.float32), indices, jnp.array([0, 2, 3], jnp.int32)))
+        return jaxsparse.matmul(p, jnp.ones((6,), jnp.float32), backend="ffi")
+
+    with pytest.raises(Exception, match=r"csr_spmm: indices\[2\]=9 is out of range \[0, 6\)"):
+        jax.block_until_ready(f(jnp.array([0, 1, 9], jnp.uint16)))
