@@ -35,8 +35,9 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxsparse
-from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, Bert, BertConfig, encode,
-                  golden_similarities, load_bert, load_tokenizer, measure_throughput, tokenize)
+from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, MINILM_L6, Bert, BertConfig,
+                  encode, golden_similarities, load_bert, load_tokenizer, measure_throughput,
+                  tokenize)
 from results_io import (fmt, format_table, machine_info, machine_markdown, markdown_table,
                         write_json, write_text)
 from sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
@@ -190,6 +191,24 @@ def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsit
             "dense_linear_s": timed(dense_layers), "sparse_linear_s": timed(sparse_layers)}
 
 
+def linear_shares(results: dict, batches=BATCHES, progress=None) -> list[dict]:
+    """:func:`linear_share` at 90% for both models next to their measured whole-model time."""
+    bar = progress or (lambda *a, **k: None)
+    shares = []
+    for name, key, config in (("all-MiniLM-L6-v2", "minilm", MINILM_L6),
+                              ("BERT-base size", "bert_base", BERT_BASE)):
+        if not results.get(key):
+            continue
+        for bs in batches:
+            bar(f"{name} linear layers alone, batch {bs}")
+            s = linear_share(config, bs)
+            s["model"] = name
+            s["layers"] = 6 * config.num_layers
+            s["dense_model_s"] = bs / results[key]["dense"]["sentences_per_s"][str(bs)]
+            shares.append(s)
+    return shares
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
@@ -335,7 +354,8 @@ def target_notes(results: dict) -> list[str]:
             notes.append(f"BERT-base size {r['sparsity']:.0%}: speedup {sp} (target >= "
                          f"{target:.0f}x: {'met' if ok else 'NOT met'}).")
     for s in results.get("linear_share", []):
-        notes.append(f"BERT-base size, batch {s['batch']}: the 72 linear layers alone take "
+        notes.append(f"{s.get('model', 'BERT-base size')}, batch {s['batch']}: the "
+                     f"{s.get('layers', 72)} linear layers alone take "
                      f"{s['dense_linear_s'] * 1e3:.0f} ms dense and {s['sparse_linear_s'] * 1e3:.0f}"
                      f" ms at {s['sparsity']:.0%} sparsity ({s['dense_linear_s'] / s['sparse_linear_s']:.2f}x);"
                      f" the whole dense model takes {s['dense_model_s'] * 1e3:.0f} ms, so the rest "
@@ -396,7 +416,7 @@ def main(argv=None) -> int:
         batches, repeats = BATCHES, args.repeats
         steps = len(batches) + len(configs) * (2 + len(batches))
         if not args.no_base:
-            steps += 1 + len(batches) + 2 * (1 + len(batches)) + len(batches)
+            steps += 1 + len(batches) + 2 * (1 + len(batches)) + 2 * len(batches)
     results = {"machine": machine, "seq_len": SEQ_LEN, "batches": list(batches),
                "golden": {"ok": ok, "similarities": sims.tolist(),
                           "published": GOLDEN_SIMILARITIES.tolist()}}
@@ -414,14 +434,7 @@ def main(argv=None) -> int:
             b = base_speed(BERT_BASE, (0.9, 0.95), batches=batches, repeats=5, progress=progress)
             b["repeats"] = 5
             results["bert_base"] = b
-            shares = []
-            for bs in batches:
-                progress(f"linear layers alone, batch {bs}")
-                s = linear_share(BERT_BASE, bs)
-                s["model"] = "BERT-base size"
-                s["dense_model_s"] = bs / b["dense"]["sentences_per_s"][str(bs)]
-                shares.append(s)
-            results["linear_share"] = shares
+            results["linear_share"] = linear_shares(results, batches, progress)
 
     print()
     print("all-MiniLM-L6-v2 (real weights), seq", SEQ_LEN)
@@ -431,7 +444,8 @@ def main(argv=None) -> int:
         print("BERT-base-size encoder (random weights), seq", SEQ_LEN)
         print(format_table(*base_rows(results["bert_base"], batches)))
         for s in results["linear_share"]:
-            print(f"  batch {s['batch']}: 72 linear layers alone {s['dense_linear_s'] * 1e3:.1f} ms"
+            print(f"  {s['model']}, batch {s['batch']}: linear layers alone "
+                  f"{s['dense_linear_s'] * 1e3:.1f} ms"
                   f" dense / {s['sparse_linear_s'] * 1e3:.1f} ms sparse; whole dense model "
                   f"{s['dense_model_s'] * 1e3:.1f} ms")
     if args.quick:
