@@ -356,8 +356,9 @@ def target_notes(results: dict) -> list[str]:
     for s in results.get("linear_share", []):
         notes.append(f"{s.get('model', 'BERT-base size')}, batch {s['batch']}: the "
                      f"{s.get('layers', 72)} linear layers alone take "
-                     f"{s['dense_linear_s'] * 1e3:.0f} ms dense and {s['sparse_linear_s'] * 1e3:.0f}"
-                     f" ms at {s['sparsity']:.0%} sparsity ({s['dense_linear_s'] / s['sparse_linear_s']:.2f}x);"
+                     f"{s['dense_linear_s'] * 1e3:.0f} ms dense and "
+                     f"{s['sparse_linear_s'] * 1e3:.0f} ms at {s['sparsity']:.0%} sparsity "
+                     f"({s['dense_linear_s'] / s['sparse_linear_s']:.2f}x);"
                      f" the whole dense model takes {s['dense_model_s'] * 1e3:.0f} ms, so the rest "
                      f"(attention, LayerNorm, GELU, embeddings) is about "
                      f"{max(s['dense_model_s'] - s['dense_linear_s'], 0) * 1e3:.0f} ms.")

@@ -1,4 +1,4 @@
-"""Shared helpers of the pruning examples: machine description, tables, JSON/Markdown/PNG writers."""
+"""Helpers shared by the pruning examples: machine description, tables, JSON/Markdown writers."""
 
 from __future__ import annotations
 
