@@ -155,6 +155,22 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def speed_notes(results: dict) -> list[str]:
+    """What the table says, in words (the fastest variant, anything slower than dense)."""
+    rows, notes = results["speed"]["rows"], []
+    for b in results["batches"]:
+        best = max(rows, key=lambda r: r["speedup"][str(b)], default=None)
+        if best:
+            notes.append(f"batch {b}: fastest is {best['variant']} ({best['format']}) at "
+                         f"{best['speedup'][str(b)]:.2f}x dense.")
+        slow = [r["variant"] for r in rows if r["speedup"][str(b)] < 1.0]
+        if slow:
+            notes.append(f"batch {b}: slower than dense: {', '.join(slow)}.")
+    notes.append("The classification head (768x1000) is not pruned: it is ~1% of the weights and "
+                 "the layer users keep dense; random weights, so no accuracy is reported.")
+    return notes
+
+
 def write_results(results: dict, out_dir: Path, name: str = "pruned_vit",
                   png: bool = True) -> list[Path]:
     out_dir = Path(out_dir)
@@ -205,8 +221,11 @@ def main(argv=None) -> int:
                "repeats": args.repeats, "image_size": dense.config.image_size,
                "pruned": "encoder linear layers (blocks.*); head, patch embedding, LayerNorm, "
                          "attention dense", "zero_sparsity_check": check, "speed": speed}
+    results["notes"] = speed_notes(results)
     print()
     print(format_table(*table_rows(speed, batches)))
+    for n in results["notes"]:
+        print("note:", n)
     print(f"[{time.perf_counter() - t0:.0f} s]")
     out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
     if out is not None:
