@@ -24,6 +24,8 @@ install: $(VENV)/.deps
 
 demo: install
 	$(VPY) examples/spmm_demo.py
+	# The real all-MiniLM-L6-v2: golden check, 90% magnitude pruning, one speed row (~30 s).
+	$(VPY) examples/pruned_bert.py --quick
 
 test: install
 	$(VENV)/bin/pytest -q -n 2 -m "not slow"
