@@ -16,7 +16,9 @@ import jaxsparse
 from sparse_testing import assert_close, random_sparse
 
 CPU = jax.default_backend() == "cpu"
-BACKENDS = [b for b in jaxsparse.BACKENDS
+# pallas-interpret repeats the reference's run in a slower lowering: in the slow run only.
+BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "pallas-interpret" else b
+            for b in jaxsparse.BACKENDS
             if not (CPU and (b == "auto" or (b.startswith("pallas") and "interpret" not in b)))]
 N_THREADS = 8
 

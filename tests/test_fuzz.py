@@ -1,7 +1,7 @@
 """Property-based tests: every op and format against a float64 dense reference.
 
 Random shapes (0 and 1 included), densities, dtypes, product forms, batch dimensions, backends
-and transforms (none, ``jit``, ``vmap``, ``grad``). The default run is bounded (25 examples per
+and transforms (none, ``jit``, ``vmap``, ``grad``). The default run is bounded (15 examples per
 property, derandomized so CI is reproducible); ``JAXSPARSE_HYPOTHESIS_PROFILE=deep`` runs 500
 random examples per property:
 
@@ -21,7 +21,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                      HealthCheck.data_too_large])
 # The default run does not shrink (a shrink recompiles for every candidate and can take minutes);
 # the failing example is printed as drawn. The deep profile shrinks.
-settings.register_profile("jaxsparse-default", max_examples=25, derandomize=True,
+settings.register_profile("jaxsparse-default", max_examples=15, derandomize=True,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)
 settings.register_profile("deep", max_examples=500, **_COMMON)
 _PROFILE = os.environ.get("JAXSPARSE_HYPOTHESIS_PROFILE", "default")

@@ -10,6 +10,8 @@ def main(argv=None):
                                      "SciPy and torch.sparse")
     cpu.add_argument("--quick", action="store_true", help="a small subset (a few minutes)")
     cpu.add_argument("--reps", type=int, default=None, help="interleaved repetitions per method")
+    cpu.add_argument("--dlmc-levels", nargs="+", default=None, metavar="SPARSITY",
+                     help="DLMC magnitude_pruning levels to run (default: all four)")
     cpu.add_argument("--out", default="benchmarks/results", help="output directory")
     cpu.add_argument("--name", default="cpu", help="base name of the result files")
     layers = sub.add_parser("layers", help="sparse MLP block and sparse attention vs their dense "

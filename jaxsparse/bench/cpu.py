@@ -323,7 +323,7 @@ def run(args) -> list[Case]:
     shapes = ((3072, 768),) if quick else SHAPES
     ns = (1, 128) if quick else NS
     sparsities = (0.5, 0.7, 0.9, 0.98) if quick else SPARSITIES
-    files = dlmc_files(("0.9",) if quick else ("0.7", "0.8", "0.9", "0.95"))
+    files = dlmc_files(args.dlmc_levels or (("0.9",) if quick else ("0.7", "0.8", "0.9", "0.95")))
     if quick:
         files = files[:8]
     reps = args.reps or (5 if quick else 15)
