@@ -39,7 +39,7 @@ from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, MINILM_L6, B
                   encode, golden_similarities, load_bert, load_tokenizer, measure_throughput,
                   tokenize)
 from results_io import (fmt, format_table, machine_info, machine_markdown, markdown_table,
-                        write_json, write_text)
+                        write_figure, write_json, write_text)
 from sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
 
 SEQ_LEN = 128
@@ -126,14 +126,21 @@ def quality_and_speed(dense, tokenizer, configs, *, batches=BATCHES, seq_len=SEQ
                                             np.linalg.norm(emb, axis=-1)))),
                    golden=golden_similarities(pruned, tokenizer).tolist(),
                    sentences_per_s={}, speedup={})
-        for b in batches:
-            bar(f"{method} {sparsity:.0%}: speed, batch {b}")
-            s = speed(pruned, b, seq_len, repeats)
-            row["sentences_per_s"][str(b)] = s
-            row["speedup"][str(b)] = s / dense_speed[b]
+        _measure_speed(row, pruned, dense_speed, f"{method} {sparsity:.0%}", bar, seq_len,
+                       repeats)
         out["rows"].append(row)
         del pruned
     return out
+
+
+def _measure_speed(row: dict, model, dense_speed: dict, label: str, bar, seq_len: int,
+                   repeats: int) -> None:
+    """Fill ``row``'s sentences/s and speedup over dense for every batch size of ``dense_speed``."""
+    for b, dense_s in dense_speed.items():
+        bar(f"{label}: speed, batch {b}")
+        s = speed(model, b, seq_len, repeats)
+        row["sentences_per_s"][str(b)] = s
+        row["speedup"][str(b)] = s / dense_s
 
 
 def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_LEN, repeats=5,
@@ -158,11 +165,8 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
         row = dict(sparsity=sparsity, method=method, format=format, layers=len(report),
                    block_size=list(block_size) if block_size else None,
                    measured_sparsity=report.total_sparsity, sentences_per_s={}, speedup={})
-        for b in batches:
-            bar(f"BERT-base {sparsity:.0%} {method}: speed, batch {b}")
-            s = speed(pruned, b, seq_len, repeats)
-            row["sentences_per_s"][str(b)] = s
-            row["speedup"][str(b)] = s / dense_speed[b]
+        _measure_speed(row, pruned, dense_speed, f"BERT-base {sparsity:.0%} {method}", bar,
+                       seq_len, repeats)
         out["rows"].append(row)
         del pruned
     return out
@@ -333,11 +337,7 @@ def plot(results: dict, path: Path) -> Path | None:
     fig.suptitle(f"jaxsparse on {results['machine']['cpu']} ({results['machine']['cores']} cores)",
                  fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_figure(path, fig)
 
 
 def target_notes(results: dict) -> list[str]:

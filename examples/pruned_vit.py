@@ -35,7 +35,7 @@ from tqdm import tqdm
 import jaxsparse
 from model_utils import jit_method
 from results_io import (format_table, machine_info, machine_markdown, markdown_table, write_json,
-                        write_text)
+                        write_figure, write_text)
 from vit import VIT_B16, ViT, ViTConfig, load_vit, measure_throughput
 
 BATCHES = (1, 8)
@@ -148,11 +148,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.set(ylabel="speedup vs dense (jit, CPU)", title="ViT-B/16 224x224, encoder linears pruned")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_figure(path, fig)
 
 
 def speed_notes(results: dict) -> list[str]:

@@ -93,6 +93,17 @@ def write_json(path: Path, results: dict) -> Path:
     return path
 
 
+def write_figure(path: Path, fig) -> Path:
+    """Save a matplotlib figure (and close it)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_text(path: Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
