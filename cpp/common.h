@@ -8,9 +8,11 @@
 #include <condition_variable>
 #include <cstdint>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "isa.h"
@@ -161,6 +163,19 @@ inline int DtOf(ffi::DataType dtype) {
 inline int64_t DtSize(int dt) { return dt == kF32 ? 4 : dt == kF64 ? 8 : 2; }
 
 // ---------------------------------------------------------------------------
+// Uninitialized scratch memory that starts on a cache line. The kernels' buffers (the nk panel,
+// widened operands, output blocks) have row strides that are multiples of 64 bytes, so with this
+// start no vector load from them straddles two lines; a plain std::vector is only 16-byte
+// aligned, which made every such load a split load on some calls and not on others.
+using Scratch = std::unique_ptr<char, void (*)(void*)>;
+inline Scratch AlignedScratch(int64_t bytes) {
+  const size_t size = static_cast<size_t>((std::max<int64_t>(bytes, 1) + 63) / 64 * 64);
+  char* ptr = static_cast<char*>(std::aligned_alloc(64, size));
+  if (ptr == nullptr) throw std::bad_alloc();
+  return Scratch(ptr, std::free);
+}
+
+// ---------------------------------------------------------------------------
 // Parallel loop on XLA's intra-op thread pool.
 
 // Threads a kernel may use: XLA's pool (which counts the calling thread's share), capped by
@@ -209,21 +224,23 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
 }
 
 // Splits the rows of a compressed matrix into at most `max_parts` contiguous ranges holding
-// roughly equal work (nonzeros plus one per row, so empty rows still cost something). part_begin
-// must have room for max_parts + 1 entries; returns the number of parts.
+// roughly equal work (nonzeros plus one per row, so empty rows still cost something), each
+// starting at a multiple of `align` rows. part_begin must have room for max_parts + 1 entries;
+// returns the number of parts.
 inline int64_t BalanceRows(const int32_t* indptr, int64_t rows, int64_t max_parts,
-                           int64_t* part_begin) {
+                           int64_t* part_begin, int64_t align = 1) {
   const int64_t total = static_cast<int64_t>(indptr[rows]) + rows;
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(max_parts, rows));
-  part_begin[0] = 0;
-  int64_t row = 0;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(max_parts, (rows + align - 1) / align));
+  int64_t n = 0, row = 0;
+  part_begin[n++] = 0;
   for (int64_t p = 1; p < parts; ++p) {
     const int64_t target = total * p / parts;
     while (row < rows && static_cast<int64_t>(indptr[row]) + row < target) ++row;
-    part_begin[p] = row;
+    const int64_t start = std::min(rows, (row + align - 1) / align * align);
+    if (start > part_begin[n - 1] && start < rows) part_begin[n++] = start;
   }
-  part_begin[parts] = rows;
-  return parts;
+  part_begin[n] = rows;
+  return n;
 }
 
 }  // namespace jaxsparse

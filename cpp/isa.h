@@ -59,9 +59,11 @@ struct IsaKernels {
   // N = 1: y[r] = A[r, :] . x for rows [r0, r1); x is float32 [K], y has type p.dt.
   void (*spmv_rows)(const SpmmProblem& p, const float* x, int64_t r0, int64_t r1, void* y);
   void (*sddmm_rows)(const SddmmProblem& p, int64_t r0, int64_t r1);
-  // dst[j, i] = src[i, j] for i < rows, j < cols (element type dt).
+  // dst[j, i] = src[i, j] for i < rows, j < cols (element type dt). With `stream`, whole 64-byte
+  // aligned float32 row segments of dst are written with non-temporal stores (ordered by an
+  // sfence before returning).
   void (*transpose)(int dt, const void* src, int64_t rows, int64_t cols, int64_t lds, void* dst,
-                    int64_t ldd);
+                    int64_t ldd, bool stream);
 };
 
 const IsaKernels& KernelsScalar();

@@ -4,11 +4,12 @@
 // kn: rows of A are split into load-balanced parts (by stored entries, so long and empty rows
 // even out) that the pool threads claim dynamically; each part writes its rows of out directly.
 // nk: B is transposed once per call into a [K, N] panel shared by all threads (the activations,
-// N x K, are small next to the work), then each part computes blocks of 64 rows of A @ panel into
+// N x K, are small next to the work), then each part computes blocks of 16 rows of A @ panel into
 // a thread-local buffer that is transposed into out[:, rows] while still in cache. N = 1 (a
 // matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,8 @@
 
 namespace jaxsparse {
 namespace {
+
+constexpr int64_t kTileRows = 16;  // rows of A per nk output block: one 16 x 16 transposed tile
 
 struct Shape {
   int64_t rows;  // rows of the kernel loop: M, or M / bm block rows for BSR
@@ -44,16 +47,19 @@ ffi::Error CheckDense(const char* what, ffi::AnyBuffer& b, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
-// The partition of kernel rows into parts of roughly equal work.
-std::vector<int64_t> Partition(const int32_t* indptr, int64_t rows, int64_t threads) {
+// The partition of kernel rows into parts of roughly equal work, each starting at a multiple of
+// `align` rows.
+std::vector<int64_t> Partition(const int32_t* indptr, int64_t rows, int64_t threads,
+                               int64_t align) {
   const int64_t max_parts = threads <= 1 ? 1 : 8 * threads;
   std::vector<int64_t> begin(max_parts + 1);
   int64_t parts;
   if (indptr != nullptr) {
-    parts = BalanceRows(indptr, rows, max_parts, begin.data());
+    parts = BalanceRows(indptr, rows, max_parts, begin.data(), align);
   } else {
-    parts = std::max<int64_t>(1, std::min(max_parts, rows));
-    for (int64_t q = 0; q <= parts; ++q) begin[q] = rows * q / parts;
+    const int64_t units = (rows + align - 1) / align;
+    parts = std::max<int64_t>(1, std::min(max_parts, units));
+    for (int64_t q = 0; q <= parts; ++q) begin[q] = std::min(rows, units * q / parts * align);
   }
   begin.resize(parts + 1);
   return begin;
@@ -80,8 +86,13 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   // Preparation passes over B (widening, the nk panel) run on the calling thread when B is
   // small: waking a pool thread costs more than it saves there.
   const bool split_prep = threads > 1 && s.k * s.n > (int64_t{1} << 20);
+  const bool split_panel = threads > 1 && s.k * s.n >= (int64_t{1} << 14);
+  // nk output blocks are 16 rows of A (one transposed tile) wide: parts start on a tile edge so
+  // that each tile is written as 16 whole, aligned 64-byte segments of out's rows.
+  const int64_t bm = p.fmt == kBsr ? p.bm : 1;
+  const int64_t sub = std::max<int64_t>(1, kTileRows / bm);  // kernel rows per output block
   const std::vector<int64_t> parts =
-      Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows, threads);
+      Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows, threads, nk ? sub : 1);
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
   p.n = s.n;
 
@@ -106,9 +117,10 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   const bool widen = p.dt == kBF16 || p.dt == kF16;
   const int panel_dt = widen ? kF32 : p.dt;
   const int64_t panel_esz = DtSize(panel_dt);
-  std::vector<float> wide;
+  Scratch wide_buf(nullptr, std::free);
   if (widen) {
-    wide.resize(static_cast<size_t>(s.k * s.n));
+    wide_buf = AlignedScratch(s.k * s.n * 4);
+    float* wide = reinterpret_cast<float*>(wide_buf.get());
     const int64_t total = s.k * s.n, chunk = 1 << 14;
     ParallelFor(pool, split_prep ? (total + chunk - 1) / chunk : 1, [&](int64_t c) {
       const int64_t e0 = split_prep ? c * chunk : 0;
@@ -123,7 +135,7 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
         for (int64_t e = e0; e < e1; ++e) wide[e] = ToFloat(f16_t{h[e]});
       }
     });
-    b = wide.data();
+    b = wide;
     p.b_f32 = true;
   }
 
@@ -138,30 +150,34 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
 
   // nk: panel = B.T, [K, N], rows padded by one cache line: with a leading dimension that is a
   // multiple of 4 KiB (N = 1024 float32, say), the rows a strip visits all map to the same L1
-  // sets and evict each other.
+  // sets and evict each other. The transpose is split between the threads whenever there are
+  // several: a serial one would leave the other threads idle for a tenth of the call.
   const int64_t ldp = s.n + 64 / panel_esz;
-  std::vector<char> panel(static_cast<size_t>(s.k * ldp * panel_esz));
+  Scratch panel = AlignedScratch(s.k * ldp * panel_esz);
   constexpr int64_t kPanelRows = 32;
   const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
   const IsaKernels& tkern = SelectKernels(panel_dt);
-  ParallelFor(pool, split_prep ? n_chunks : 1, [&](int64_t c) {
-    const int64_t n0 = split_prep ? c * kPanelRows : 0;
-    const int64_t n1 = split_prep ? std::min(s.n, n0 + kPanelRows) : s.n;
+  ParallelFor(pool, split_panel ? n_chunks : 1, [&](int64_t c) {
+    const int64_t n0 = split_panel ? c * kPanelRows : 0;
+    const int64_t n1 = split_panel ? std::min(s.n, n0 + kPanelRows) : s.n;
     tkern.transpose(panel_dt, static_cast<const char*>(b) + n0 * s.k * panel_esz, n1 - n0, s.k,
-                    s.k, panel.data() + n0 * panel_esz, ldp);
+                    s.k, panel.get() + n0 * panel_esz, ldp, false);
   });
-  p.b = panel.data();
+  p.b = panel.get();
   p.ldb = ldp;
-  const int64_t ldt = s.n + 64 / esz;  // the output block, padded likewise
-  const int64_t bm = p.fmt == kBsr ? p.bm : 1;
-  const int64_t sub = std::max<int64_t>(1, 256 / bm);  // kernel rows per output block
+  // Each output block (sub * bm rows of A @ panel, 16 rows unless bm > 16) is small enough to
+  // stay in L1 until it is transposed into out. A large out is written with streaming stores:
+  // its rows are M elements apart, often a multiple of 4 KiB, and a tile's 16 row segments
+  // would otherwise compete for the same L1 set; nothing reads out before the call returns.
+  const int64_t ldt = s.n + 64 / esz;  // the output block, padded like the panel
+  const bool stream = s.m * s.n * esz >= (int64_t{1} << 20);
   ParallelFor(pool, n_parts, [&](int64_t q) {
-    std::vector<char> tmp(static_cast<size_t>(std::min(sub, parts[q + 1] - parts[q]) * bm * ldt * esz));
+    Scratch tmp = AlignedScratch(sub * bm * ldt * esz);
     for (int64_t r0 = parts[q]; r0 < parts[q + 1]; r0 += sub) {
       const int64_t cnt = std::min(sub, parts[q + 1] - r0);
-      kern.spmm_rows(Shift(p, r0), 0, cnt, tmp.data(), ldt);
-      kern.transpose(p.dt, tmp.data(), cnt * bm, s.n, ldt,
-                     static_cast<char*>(out) + r0 * bm * esz, s.m);
+      kern.spmm_rows(Shift(p, r0), 0, cnt, tmp.get(), ldt);
+      kern.transpose(p.dt, tmp.get(), cnt * bm, s.n, ldt,
+                     static_cast<char*>(out) + r0 * bm * esz, s.m, stream);
     }
   });
 }

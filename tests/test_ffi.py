@@ -223,6 +223,21 @@ def test_malformed_bsr_nm_sddmm_in_jit():
         jax.block_until_ready(bsr_sddmm(jnp.array([2], jnp.int32), jnp.array([0, 1, 1], jnp.int32)))
 
 
+@pytest.mark.parametrize("m", [1040, 1030])
+def test_linear_layout_large_output(rng, m):
+    """x @ A.T with an output over 1 MiB: whole 16-row tiles written with streaming stores when M
+    is a multiple of 16 (1040), partial tiles and plain stores otherwise (1030); every format,
+    one thread and the pool."""
+    for fmt in ("csr", "bsr", "nm"):
+        a, a64 = random_sparse(rng, (m, 64), 0.2 if fmt != "nm" else 1.0, fmt, jnp.float32,
+                               block=(2, 8), nm=(2, 4))
+        x = rng.standard_normal((272, 64)).astype(np.float32)
+        expected = x.astype(np.float64) @ a64.T
+        for threads in (1, 0):
+            with max_threads(threads):
+                assert_close(_NK(a, x), expected, jnp.float32)
+
+
 def test_large_k_and_long_rows(rng):
     """A row longer than every vector strip, K > 2**16, N = 1 gather path with tails."""
     k = 70001
