@@ -33,7 +33,7 @@ struct SpmmProblem {
   const void* b;                 // [K, N]
   int64_t ldb;
   bool b_f32;                    // b holds float32 (a widened copy of a half-type operand)
-  int64_t n;
+  int64_t k, n;                  // columns of A (rows of B), columns of B
 };
 
 // SDDMM on a CSR or BSR pattern [M, N]: out[p] = dot(lhs[row(p)], rhs[col(p)]) with lhs [M, K]

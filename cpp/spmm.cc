@@ -94,6 +94,7 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
   const std::vector<int64_t> parts =
       Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows, threads, nk ? sub : 1);
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
+  p.k = s.k;
   p.n = s.n;
 
   if (s.n == 1 && p.dt != kF64) {

@@ -8,6 +8,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 import pytest
 
 import jaxsparse
@@ -236,6 +237,32 @@ def test_linear_layout_large_output(rng, m):
         for threads in (1, 0):
             with max_threads(threads):
                 assert_close(_NK(a, x), expected, jnp.float32)
+
+
+def test_k_blocked_products(rng):
+    """K large enough that a strip of B is visited in K-blocks (float32, K = 2400 at N >= 128),
+    strips of 8 vectors, 1 vector and a scalar tail (N = 149), both layouts, CSR and N:M; and a
+    CSR whose rows are not sorted (built inside jit, where construction cannot check), which
+    the blocked kernel must still sum exactly once per entry."""
+    for fmt in ("csr", "nm"):
+        a, a64 = (_skewed(rng, (50, 2400), fmt, jnp.float32) if fmt == "csr" else
+                  random_sparse(rng, (50, 2400), 1.0, fmt, jnp.float32, nm=(1, 4)))
+        for fn, x, expected in _products(a, 149, rng, jnp.float32):
+            assert_close(fn(a, x), expected, jnp.float32)
+    s = sp.random(40, 2400, density=0.3, format="csr", random_state=0, dtype=np.float64)
+    order = np.concatenate([rng.permutation(np.arange(s.indptr[i], s.indptr[i + 1]))
+                            for i in range(40)])
+    x = rng.standard_normal((2400, 130)).astype(np.float32)
+
+    @jax.jit
+    def unsorted(data, indices, indptr, x):
+        a = jaxsparse.CSR((data, indices, indptr), shape=(40, 2400))
+        return jaxsparse.matmul(a, x, backend="ffi")
+
+    out = unsorted(jnp.asarray(s.data[order], jnp.float32), jnp.asarray(s.indices[order], jnp.int32),
+                   jnp.asarray(s.indptr, jnp.int32), x)
+    s32 = s.astype(np.float32).astype(np.float64)
+    assert_close(out, s32 @ x.astype(np.float64), jnp.float32)
 
 
 def test_large_k_and_long_rows(rng):
