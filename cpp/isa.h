@@ -52,6 +52,11 @@ struct SddmmProblem {
   void* out;
 };
 
+// spmm_rows visits the entries of float32 products with K > kBlockedK in K-blocks, kBlockedRows
+// rows at a time (see StripRows); a caller that splits its rows should pass that many per call.
+constexpr int64_t kBlockedK = 1152;
+constexpr int64_t kBlockedRows = 64;
+
 struct IsaKernels {
   const char* name;
   // Rows [r0, r1) of A @ B into c (row stride ldc, element type p.dt).
