@@ -4,9 +4,10 @@
 // kn: rows of A are split into load-balanced parts (by stored entries, so long and empty rows
 // even out) that the pool threads claim dynamically; each part writes its rows of out directly.
 // nk: B is transposed once per call into a [K, N] panel shared by all threads (the activations,
-// N x K, are small next to the work), then each part computes blocks of 16 rows of A @ panel into
-// a thread-local buffer that is transposed into out[:, rows] while still in cache. N = 1 (a
-// matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
+// N x K, are small next to the work), then each part computes blocks of 16 rows (64 for a
+// K-blocked product) of A @ panel, 128 columns at a time, into a thread-local buffer that is
+// transposed into out[:, rows] while still in cache. N = 1 (a matrix-vector product; both
+// layouts are the same memory) takes a gather-based SpMV.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -153,8 +154,8 @@ void RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, cons
 
   // nk: panel = B.T, [K, N], rows padded by one cache line: with a leading dimension that is a
   // multiple of 4 KiB (N = 1024 float32, say), the rows a strip visits all map to the same L1
-  // sets and evict each other. The transpose is split between the threads whenever there are
-  // several: a serial one would leave the other threads idle for a tenth of the call.
+  // sets and evict each other. Unlike the widening pass, the transpose is split between the
+  // threads from 16K elements on (N = 128 tokens of a 768-wide layer is 96K).
   const int64_t ldp = s.n + 64 / panel_esz;
   Scratch panel = AlignedScratch(s.k * ldp * panel_esz);
   constexpr int64_t kPanelRows = 32;
