@@ -16,8 +16,9 @@ import jaxsparse
 from sparse_testing import assert_close, random_sparse
 
 CPU = jax.default_backend() == "cpu"
-# pallas-interpret repeats the reference's run in a slower lowering: in the slow run only.
-BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b == "pallas-interpret" else b
+# The quick run checks the native kernels (the code of this project that threads could race in);
+# the pure-JAX reference and the interpreted Pallas kernels run with the slow tests.
+BACKENDS = [pytest.param(b, marks=pytest.mark.slow) if b in ("pallas-interpret", "reference") else b
             for b in jaxsparse.BACKENDS
             if not (CPU and (b == "auto" or (b.startswith("pallas") and "interpret" not in b)))]
 N_THREADS = 8
