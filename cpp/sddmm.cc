@@ -1,7 +1,10 @@
 // SDDMM: out[p] = dot(lhs[row(p), :], rhs[col(p), :]) for every stored entry p of a CSR pattern
-// [M, N], or every entry of every block of a BSR pattern; lhs is [M, K] and rhs is [N, K], both
-// row-major, so each dot is contiguous. The AVX-512 build computes 16 dots at a time and reduces
-// them with one transposing shuffle tree (see Dots16 in isa_kernels.inc).
+// [M, N], or every entry of every block of a BSR pattern. The kernels read lhs as [M, K] and rhs
+// as [N, K], row-major, so each dot is contiguous; an operand given the other way round (attribute
+// lhs_km / rhs_kn: lhs [K, M], rhs [K, N], as in a @ b) is transposed here into an aligned scratch
+// copy, several times faster than the transpose XLA would otherwise run before the call. The
+// AVX-512 build computes 16 dots at a time and reduces them with one transposing shuffle tree
+// (see Dots16 in isa_kernels.inc).
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -12,13 +15,42 @@
 namespace jaxsparse {
 namespace {
 
-ffi::Error CheckOperands(const char* what, ffi::AnyBuffer& lhs, ffi::AnyBuffer& rhs,
-                         ffi::Result<ffi::AnyBuffer>& out, int64_t m, int64_t n_cols_mult,
-                         int* dt) {
-  const auto l = lhs.dimensions();
-  const auto r = rhs.dimensions();
-  if (l.size() != 2 || r.size() != 2 || l[1] != r[1] || l[0] != m || r[0] % n_cols_mult != 0) {
-    return ffi::Error::InvalidArgument(std::string(what) + ": lhs [M, K] and rhs [N, K] expected");
+// An operand as the kernels read it: rows [rows, K] with row stride ld.
+struct Operand {
+  const void* data;
+  int64_t rows, k, ld;
+};
+
+// The dimensions of a 2-D operand, [rows, K] or (transposed) [K, rows].
+bool Dims(ffi::AnyBuffer& x, bool transposed, int64_t* rows, int64_t* k) {
+  const auto d = x.dimensions();
+  if (d.size() != 2) return false;
+  *rows = transposed ? d[1] : d[0];
+  *k = transposed ? d[0] : d[1];
+  return true;
+}
+
+// [rows, K] row-major: the buffer itself, or a transposed copy of a [K, rows] buffer in scratch
+// (rows padded to a whole cache line).
+Operand Rows(ffi::AnyBuffer& x, bool transposed, int dt, Scratch* scratch) {
+  int64_t rows, k;
+  Dims(x, transposed, &rows, &k);
+  if (!transposed) return Operand{x.untyped_data(), rows, k, k};
+  const int64_t esz = DtSize(dt);
+  const int64_t ld = (k * esz + 63) / 64 * 64 / esz;
+  *scratch = AlignedScratch(rows * ld * esz);
+  SelectKernels(dt).transpose(dt, x.untyped_data(), k, rows, rows, scratch->get(), ld, false);
+  return Operand{scratch->get(), rows, k, ld};
+}
+
+ffi::Error CheckOperands(const char* what, ffi::AnyBuffer& lhs, bool lhs_km, ffi::AnyBuffer& rhs,
+                         bool rhs_kn, ffi::Result<ffi::AnyBuffer>& out, int64_t m,
+                         int64_t n_cols_mult, int* dt) {
+  int64_t lm, lk, rn, rk;
+  if (!Dims(lhs, lhs_km, &lm, &lk) || !Dims(rhs, rhs_kn, &rn, &rk) || lk != rk || lm != m ||
+      rn % n_cols_mult != 0) {
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": lhs [M, K] and rhs [N, K] (or transposed) expected");
   }
   *dt = DtOf(lhs.element_type());
   if (*dt < 0 || lhs.element_type() != rhs.element_type() ||
@@ -29,8 +61,16 @@ ffi::Error CheckOperands(const char* what, ffi::AnyBuffer& lhs, ffi::AnyBuffer& 
   return ffi::Error::Success();
 }
 
-void Run(ffi::ThreadPool& pool, const SddmmProblem& p, const int32_t* indptr, int64_t rows) {
+void Run(ffi::ThreadPool& pool, SddmmProblem p, ffi::AnyBuffer& lhs, bool lhs_km,
+         ffi::AnyBuffer& rhs, bool rhs_kn, const int32_t* indptr, int64_t rows) {
   if (rows == 0) return;
+  Scratch lt(nullptr, std::free), rt(nullptr, std::free);
+  const Operand l = Rows(lhs, lhs_km, p.dt, &lt), r = Rows(rhs, rhs_kn, p.dt, &rt);
+  p.lhs = l.data;
+  p.ldl = l.ld;
+  p.rhs = r.data;
+  p.ldr = r.ld;
+  p.k = l.k;
   const IsaKernels& kern = SelectKernels(p.dt);
   const int64_t threads = NumThreads(pool);
   const int64_t max_parts = threads <= 1 ? 1 : 8 * threads;
@@ -43,29 +83,33 @@ void Run(ffi::ThreadPool& pool, const SddmmProblem& p, const int32_t* indptr, in
 
 ffi::Error CsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                     ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> indptr,
-                    ffi::Result<ffi::AnyBuffer> out) {
+                    ffi::Result<ffi::AnyBuffer> out, bool lhs_km, bool rhs_kn) {
   const int64_t rows = static_cast<int64_t>(indptr.element_count()) - 1;
   const int64_t nnz = indices.element_count();
   int dt;
   if (rows < 0 || static_cast<int64_t>(out->element_count()) != nnz) {
     return ffi::Error::InvalidArgument("csr_sddmm: inconsistent operand shapes");
   }
-  if (auto err = CheckOperands("csr_sddmm", lhs, rhs, out, rows, 1, &dt); err.failure()) return err;
-  const auto r = rhs.dimensions();
-  if (auto err = ValidateCompressed(indptr.typed_data(), rows, indices.typed_data(), nnz, r[0],
+  if (auto err = CheckOperands("csr_sddmm", lhs, lhs_km, rhs, rhs_kn, out, rows, 1, &dt);
+      err.failure()) {
+    return err;
+  }
+  int64_t n, k;
+  Dims(rhs, rhs_kn, &n, &k);
+  if (auto err = ValidateCompressed(indptr.typed_data(), rows, indices.typed_data(), nnz, n,
                                     "csr_sddmm");
       err.failure()) {
     return err;
   }
-  SddmmProblem p{kCsr, dt, lhs.untyped_data(), r[1], rhs.untyped_data(), r[1],
-                 indices.typed_data(), indptr.typed_data(), 1, 1, r[1], out->untyped_data()};
-  Run(pool, p, indptr.typed_data(), rows);
+  SddmmProblem p{kCsr, dt, nullptr, 0, nullptr, 0, indices.typed_data(), indptr.typed_data(),
+                 1, 1, k, out->untyped_data()};
+  Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), rows);
   return ffi::Error::Success();
 }
 
 ffi::Error BsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
                     ffi::Buffer<ffi::S32> indices, ffi::Buffer<ffi::S32> indptr,
-                    ffi::Result<ffi::AnyBuffer> out) {
+                    ffi::Result<ffi::AnyBuffer> out, bool lhs_km, bool rhs_kn) {
   const int64_t brows = static_cast<int64_t>(indptr.element_count()) - 1;
   const int64_t nblocks = indices.element_count();
   const auto od = out->dimensions();
@@ -74,18 +118,20 @@ ffi::Error BsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs
   }
   const int64_t bm = od[1], bn = od[2];
   int dt;
-  if (auto err = CheckOperands("bsr_sddmm", lhs, rhs, out, brows * bm, bn, &dt); err.failure()) {
-    return err;
-  }
-  const auto r = rhs.dimensions();
-  if (auto err = ValidateCompressed(indptr.typed_data(), brows, indices.typed_data(), nblocks,
-                                    r[0] / bn, "bsr_sddmm");
+  if (auto err = CheckOperands("bsr_sddmm", lhs, lhs_km, rhs, rhs_kn, out, brows * bm, bn, &dt);
       err.failure()) {
     return err;
   }
-  SddmmProblem p{kBsr, dt, lhs.untyped_data(), r[1], rhs.untyped_data(), r[1],
-                 indices.typed_data(), indptr.typed_data(), bm, bn, r[1], out->untyped_data()};
-  Run(pool, p, indptr.typed_data(), brows);
+  int64_t n, k;
+  Dims(rhs, rhs_kn, &n, &k);
+  if (auto err = ValidateCompressed(indptr.typed_data(), brows, indices.typed_data(), nblocks,
+                                    n / bn, "bsr_sddmm");
+      err.failure()) {
+    return err;
+  }
+  SddmmProblem p{kBsr, dt, nullptr, 0, nullptr, 0, indices.typed_data(), indptr.typed_data(),
+                 bm, bn, k, out->untyped_data()};
+  Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), brows);
   return ffi::Error::Success();
 }
 
@@ -94,19 +140,23 @@ ffi::Error BsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kCsrSddmm, CsrSddmm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // lhs [M, K]
-                                  .Arg<ffi::AnyBuffer>()         // rhs [N, K]
+                                  .Arg<ffi::AnyBuffer>()         // lhs [M, K] or [K, M]
+                                  .Arg<ffi::AnyBuffer>()         // rhs [N, K] or [K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indices [nnz]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M + 1]
-                                  .Ret<ffi::AnyBuffer>());       // out [nnz]
+                                  .Ret<ffi::AnyBuffer>()         // out [nnz]
+                                  .Attr<bool>("lhs_km")
+                                  .Attr<bool>("rhs_kn"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kBsrSddmm, BsrSddmm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // lhs [M, K]
-                                  .Arg<ffi::AnyBuffer>()         // rhs [N, K]
+                                  .Arg<ffi::AnyBuffer>()         // lhs [M, K] or [K, M]
+                                  .Arg<ffi::AnyBuffer>()         // rhs [N, K] or [K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indices [nblocks]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M / bm + 1]
-                                  .Ret<ffi::AnyBuffer>());       // out [nblocks, bm, bn]
+                                  .Ret<ffi::AnyBuffer>()         // out [nblocks, bm, bn]
+                                  .Attr<bool>("lhs_km")
+                                  .Attr<bool>("rhs_kn"));
 
 }  // namespace jaxsparse

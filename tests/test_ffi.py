@@ -112,19 +112,32 @@ def test_isa_paths_agree(rng, fmt, dtype):
                 assert_close(o, outs[0].astype(np.float64), dtype)
 
 
+# Operand layouts of sddmm's kernel: lhs [M, K] or [K, M], rhs [K, N] or [N, K] (the transposes
+# are folded into the call inside jit and done by the kernel).
+_SDDMM_LAYOUTS = {
+    "a@b": jax.jit(lambda l, r, p: jaxsparse.sddmm(l, r, p, backend="ffi").values),
+    "a@bt.T": jax.jit(lambda l, rt, p: jaxsparse.sddmm(l, rt.T, p, backend="ffi").values),
+    "at.T@b": jax.jit(lambda lt, r, p: jaxsparse.sddmm(lt.T, r, p, backend="ffi").values),
+}
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
 def test_isa_paths_agree_sddmm(rng, fmt):
     pattern, _ = _skewed(rng, (40, 72), fmt, jnp.float32)
     mask = np.asarray(pattern.with_values(jnp.ones_like(pattern.values)).todense()) != 0
-    for k in (7, 70):  # masked tail only; 4 full vectors + tail
-        for dtype in (jnp.float32, jnp.bfloat16):
-            lhs, l64 = rounded(rng.standard_normal((40, k)), dtype)
-            rhs, r64 = rounded(rng.standard_normal((k, 72)), dtype)
-            expected = np.where(mask, l64 @ r64, 0)
-            for name in ISAS:
-                with isa(name):
-                    out = _SDDMM(lhs, rhs, pattern.astype(dtype))
-                assert_close(pattern.with_values(out).todense(), expected, dtype)
+    # K = 7: masked tail only; 33, 64, 70, 96: whole vectors held in registers, with and without a
+    # tail; 130: the generic loop over K.
+    cases = [(k, jnp.float32, layout) for k in (7, 33, 64, 70, 96, 130) for layout in _SDDMM_LAYOUTS]
+    cases += [(k, jnp.bfloat16, "a@b") for k in (7, 70)]
+    for k, dtype, layout in cases:
+        lhs, l64 = rounded(rng.standard_normal((40, k)), dtype)
+        rhs, r64 = rounded(rng.standard_normal((k, 72)), dtype)
+        expected = np.where(mask, l64 @ r64, 0)
+        args = {"a@b": (lhs, rhs), "a@bt.T": (lhs, rhs.T), "at.T@b": (lhs.T, rhs)}[layout]
+        for name in ISAS:
+            with isa(name):
+                out = _SDDMM_LAYOUTS[layout](*args, pattern.astype(dtype))
+            assert_close(pattern.with_values(out).todense(), expected, dtype)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])

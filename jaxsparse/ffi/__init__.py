@@ -106,12 +106,13 @@ def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, **_):
 
 
 def _sddmm_native(lhs, rhs, *pattern, fmt, block, transpose_lhs, transpose_rhs, **_):
-    lm = lhs.T if transpose_lhs else lhs  # [M, K]
-    rn = rhs if transpose_rhs else rhs.T  # [N, K]
+    # The kernel takes lhs as [M, K] or [K, M] (lhs_km) and rhs as [N, K] or [K, N] (rhs_kn) and
+    # transposes what it must itself.
     indices, _indptr = pattern
     out_shape = indices.shape if fmt == "csr" else (indices.shape[0], *block)
     out_type = jax.ShapeDtypeStruct(out_shape, lhs.dtype)
-    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_sddmm", out_type)(lm, rn, *pattern)
+    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_sddmm", out_type)(
+        lhs, rhs, *pattern, lhs_km=np.bool_(transpose_lhs), rhs_kn=np.bool_(not transpose_rhs))
 
 
 def _spmm_kernel(avals, params):
