@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse._formats import CSR
@@ -23,7 +24,8 @@ def root() -> Path:
 
 
 def load_smtx(path, *, seed: int = 0, dtype=np.float32) -> CSR:
-    """Load an ``.smtx`` pattern as a :class:`CSR` with seeded standard-normal values."""
+    """Load an ``.smtx`` pattern as a :class:`CSR` (device arrays, like ``CSR.fromdense``) with
+    seeded standard-normal values."""
     path = Path(path)
     with path.open() as f:
         header = f.readline().replace(",", " ").split()
@@ -37,7 +39,8 @@ def load_smtx(path, *, seed: int = 0, dtype=np.float32) -> CSR:
         raise ValueError(f"load_smtx: {path}: expected {rows + 1} row offsets and {nnz} indices, "
                          f"got {indptr.shape[0]} and {indices.shape[0]}")
     data = np.random.default_rng(seed).standard_normal(nnz).astype(dtype)
-    return CSR((data, indices.astype(np.int32), indptr.astype(np.int32)), shape=(rows, cols))
+    return CSR((jnp.asarray(data), jnp.asarray(indices.astype(np.int32)),
+                jnp.asarray(indptr.astype(np.int32))), shape=(rows, cols))
 
 
 def transformer_files(sparsity: str = "0.9", method: str = "magnitude_pruning",
