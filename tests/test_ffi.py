@@ -278,6 +278,20 @@ def test_k_blocked_products(rng):
     assert_close(out, s32 @ x.astype(np.float64), jnp.float32)
 
 
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
+def test_kn_padded_copy_of_b(rng, fmt):
+    """kn with N = 256 float32 / bfloat16 (rows of B 1 KiB apart): B is copied with padded rows
+    before the product (widened at the same time for bfloat16); one thread and the pool agree."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a, a64 = _skewed(rng, (72, 48), fmt, dtype)
+        x, x64 = rounded(rng.standard_normal((48, 256)), dtype)
+        with max_threads(1):
+            one = np.asarray(_KN(a, x))
+        many = np.asarray(_KN(a, x))
+        np.testing.assert_array_equal(one, many)
+        assert_close(many, a64 @ x64, dtype)
+
+
 def test_large_k_and_long_rows(rng):
     """A row longer than every vector strip, K > 2**16, N = 1 gather path with tails."""
     k = 70001
