@@ -52,12 +52,12 @@ struct SddmmProblem {
   void* out;
 };
 
-// spmm_rows visits the entries of a float32 product in K-blocks, kBlockedRows rows at a time, when
-// a [K, W] strip of B would exceed kStripBytes by half (see StripRows). For the widest strips
-// (8 AVX-512 vectors, 128 float32 columns) that is K > kBlockedK; a caller that splits its rows
-// should then pass at least kBlockedRows per call.
+// spmm_rows visits the entries of a float32 product in K-blocks, up to kBlockedRows rows at a
+// time, when a [K, W] strip of B would exceed kStripBytes by half (see StripRows). For the widest
+// strips (8 AVX-512 vectors, 128 float32 columns) that is K > kBlockedK; a caller that splits its
+// rows should then pass as many rows per call as it can, up to kBlockedRows.
 constexpr int64_t kStripBytes = 384 << 10;
-constexpr int64_t kBlockedRows = 64;
+constexpr int64_t kBlockedRows = 256;
 constexpr int64_t kBlockedK = kStripBytes / (128 * 4) * 3 / 2;
 
 struct IsaKernels {
