@@ -112,13 +112,13 @@ bool DispatchFloat(ffi::DataType dtype, Fn&& fn) {
 
 // ---------------------------------------------------------------------------
 // Validation. Every kernel checks the structure it is given in O(nnz + rows) before it reads
-// through it, so malformed indices become an error, never an out-of-bounds access.
+// through it, so malformed indices become an error, never an out-of-bounds access. indptr is
+// checked first; then each part's indices, on the thread that computes the part, just before it
+// does (RunSpmm in spmm.cc, Run in sddmm.cc).
 
-// indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz; every index in
-// [0, n_cols).
-template <typename Index>
-ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const Index* indices,
-                              int64_t nnz, int64_t n_cols, const char* what) {
+// indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz.
+inline ffi::Error ValidateIndptr(const int32_t* indptr, int64_t rows, int64_t nnz,
+                                 const char* what) {
   if (indptr[0] != 0) {
     return ffi::Error::InvalidArgument(std::string(what) + ": indptr[0] must be 0, got " +
                                        std::to_string(indptr[0]));
@@ -136,19 +136,46 @@ ffi::Error ValidateCompressed(const int32_t* indptr, int64_t rows, const Index* 
                                        std::to_string(nnz) + ", got " +
                                        std::to_string(indptr[rows]));
   }
-  // Branch-free pass first (vectorizes); locate the culprit only when something is wrong.
-  uint32_t any_bad = 0;
-  const uint32_t limit = static_cast<uint32_t>(std::min<int64_t>(n_cols, INT32_MAX));
-  for (int64_t p = 0; p < nnz; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(indices[p]) >= limit);
-  for (int64_t p = 0; any_bad != 0 && p < nnz; ++p) {
-    if (static_cast<int64_t>(indices[p]) < 0 || static_cast<int64_t>(indices[p]) >= n_cols) {
-      return ffi::Error::InvalidArgument(
-          std::string(what) + ": indices[" + std::to_string(p) + "]=" +
-          std::to_string(indices[p]) + " is out of range [0, " + std::to_string(n_cols) + ")");
-    }
-  }
   return ffi::Error::Success();
 }
+
+// The first p in [e0, e1) with index[p] outside [0, limit), or -1. A branch-free pass first
+// (vectorizes); the culprit is located only when something is wrong.
+template <typename Index>
+int64_t FirstOutOfRange(const Index* index, int64_t e0, int64_t e1, int64_t limit) {
+  uint32_t any_bad = 0;
+  const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(limit, INT32_MAX));
+  for (int64_t p = e0; p < e1; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(index[p]) >= lim);
+  for (int64_t p = e0; any_bad != 0 && p < e1; ++p) {
+    if (static_cast<int64_t>(index[p]) < 0 || static_cast<int64_t>(index[p]) >= limit) return p;
+  }
+  return -1;
+}
+
+template <typename Index>
+ffi::Error IndexError(const char* what, const char* name, const Index* index, int64_t p,
+                      int64_t limit) {
+  return ffi::Error::InvalidArgument(std::string(what) + ": " + name + "[" + std::to_string(p) +
+                                     "]=" + std::to_string(index[p]) + " is out of range [0, " +
+                                     std::to_string(limit) + ")");
+}
+
+// The lowest bad entry position reported by any of the threads that check parts of a matrix.
+class FirstBad {
+ public:
+  void Report(int64_t e) {
+    int64_t cur = v_.load();
+    while (e < cur && !v_.compare_exchange_weak(cur, e)) {
+    }
+  }
+  int64_t Get() const {  // -1 when nothing was reported
+    const int64_t v = v_.load();
+    return v == INT64_MAX ? -1 : v;
+  }
+
+ private:
+  std::atomic<int64_t> v_{INT64_MAX};
+};
 
 // Kernel element type of an FFI dtype, or -1; and its size in bytes.
 inline int DtOf(ffi::DataType dtype) {

@@ -61,9 +61,12 @@ ffi::Error CheckOperands(const char* what, ffi::AnyBuffer& lhs, bool lhs_km, ffi
   return ffi::Error::Success();
 }
 
-void Run(ffi::ThreadPool& pool, SddmmProblem p, ffi::AnyBuffer& lhs, bool lhs_km,
-         ffi::AnyBuffer& rhs, bool rhs_kn, const int32_t* indptr, int64_t rows) {
-  if (rows == 0) return;
+// The SDDMM, or nothing and the first pattern entry whose column (block column) is not below
+// `limit`; -1 when none is. As in RunSpmm (spmm.cc), each part's indices are checked by the
+// thread that computes the part, right before it does.
+int64_t Run(ffi::ThreadPool& pool, SddmmProblem p, ffi::AnyBuffer& lhs, bool lhs_km,
+            ffi::AnyBuffer& rhs, bool rhs_kn, const int32_t* indptr, int64_t rows, int64_t limit) {
+  if (rows == 0) return -1;
   Scratch lt(nullptr, std::free), rt(nullptr, std::free);
   const Operand l = Rows(lhs, lhs_km, p.dt, &lt), r = Rows(rhs, rhs_kn, p.dt, &rt);
   p.lhs = l.data;
@@ -76,9 +79,17 @@ void Run(ffi::ThreadPool& pool, SddmmProblem p, ffi::AnyBuffer& lhs, bool lhs_km
   const int64_t max_parts = threads <= 1 ? 1 : 8 * threads;
   std::vector<int64_t> part_begin(max_parts + 1);
   const int64_t parts = BalanceRows(indptr, rows, max_parts, part_begin.data());
+  FirstBad first_bad;
   ParallelFor(pool, parts, [&](int64_t q) {
-    kern.sddmm_rows(p, part_begin[q], part_begin[q + 1]);
+    const int64_t r0 = part_begin[q], r1 = part_begin[q + 1];
+    const int64_t e = FirstOutOfRange(p.indices, indptr[r0], indptr[r1], limit);
+    if (e < 0) {
+      kern.sddmm_rows(p, r0, r1);
+    } else {
+      first_bad.Report(e);
+    }
   });
+  return first_bad.Get();
 }
 
 ffi::Error CsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
@@ -96,14 +107,13 @@ ffi::Error CsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs
   }
   int64_t n, k;
   Dims(rhs, rhs_kn, &n, &k);
-  if (auto err = ValidateCompressed(indptr.typed_data(), rows, indices.typed_data(), nnz, n,
-                                    "csr_sddmm");
-      err.failure()) {
+  if (auto err = ValidateIndptr(indptr.typed_data(), rows, nnz, "csr_sddmm"); err.failure()) {
     return err;
   }
   SddmmProblem p{kCsr, dt, nullptr, 0, nullptr, 0, indices.typed_data(), indptr.typed_data(),
                  1, 1, k, out->untyped_data()};
-  Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), rows);
+  const int64_t bad = Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), rows, n);
+  if (bad >= 0) return IndexError("csr_sddmm", "indices", indices.typed_data(), bad, n);
   return ffi::Error::Success();
 }
 
@@ -124,14 +134,13 @@ ffi::Error BsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs
   }
   int64_t n, k;
   Dims(rhs, rhs_kn, &n, &k);
-  if (auto err = ValidateCompressed(indptr.typed_data(), brows, indices.typed_data(), nblocks,
-                                    n / bn, "bsr_sddmm");
-      err.failure()) {
+  if (auto err = ValidateIndptr(indptr.typed_data(), brows, nblocks, "bsr_sddmm"); err.failure()) {
     return err;
   }
   SddmmProblem p{kBsr, dt, nullptr, 0, nullptr, 0, indices.typed_data(), indptr.typed_data(),
                  bm, bn, k, out->untyped_data()};
-  Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), brows);
+  const int64_t bad = Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.typed_data(), brows, n / bn);
+  if (bad >= 0) return IndexError("bsr_sddmm", "indices", indices.typed_data(), bad, n / bn);
   return ffi::Error::Success();
 }
 
