@@ -140,12 +140,13 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     return result();
   }
 
-  // Half types: B widened to float32 once (see SpmmRowsT); for nk, widened then transposed.
+  // float16 B is widened to float32 once (see SpmmRowsT; the vector builds have no float16
+  // kernels); bfloat16 B stays bfloat16 and is widened in registers.
   // kn with several 128-column strips and rows of B a multiple of 512 bytes apart: the rows one
   // strip visits fall into a fraction of the cache sets (at N = 1024 float32, 4 KiB apart, an
   // eighth of L2), so B is copied first with its rows padded by one cache line, as the nk panel
   // is (3072x768 at N = 1024: ~17 -> ~10 ms, like nk).
-  const bool widen = p.dt == kBF16 || p.dt == kF16;
+  const bool widen = p.dt == kF16;
   const int panel_dt = widen ? kF32 : p.dt;
   const int64_t panel_esz = DtSize(panel_dt);
   const bool pad = !nk && s.n > 128 && (s.n * panel_esz) % 512 == 0;
@@ -167,14 +168,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
         }
         const uint16_t* h = static_cast<const uint16_t*>(b) + r * b_cols;
         float* wide = reinterpret_cast<float*>(dst);
-        if (p.dt == kBF16) {
-          for (int64_t e = 0; e < b_cols; ++e) {
-            const uint32_t u = static_cast<uint32_t>(h[e]) << 16;
-            std::memcpy(&wide[e], &u, 4);
-          }
-        } else {
-          for (int64_t e = 0; e < b_cols; ++e) wide[e] = ToFloat(f16_t{h[e]});
-        }
+        for (int64_t e = 0; e < b_cols; ++e) wide[e] = ToFloat(f16_t{h[e]});
       }
     });
     b = copy_buf.get();
