@@ -73,12 +73,16 @@ class Timer:
 
 def time_interleaved(methods: dict[str, tuple[Callable, tuple]], reps: int = 15) -> dict[str, float]:
     """Median milliseconds per call of each method, repetitions interleaved across methods so slow
-    drifts of the machine (frequency, other load) hit all of them alike."""
+    drifts of the machine (frequency, other load) hit all of them alike. The order rotates every
+    repetition, so that each method follows each other one equally often: on 2 cores the thread
+    pools that torch and OpenBLAS leave spinning after a call slow down whatever runs next."""
     timers = {name: Timer(fn, args) for name, (fn, args) in methods.items()}
     samples: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(reps):
-        for name, timer in timers.items():
-            samples[name].append(timer.sample())
+    names = list(timers)
+    for r in range(reps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(timers[name].sample())
     return {name: 1e3 * float(np.median(s)) for name, s in samples.items()}
 
 
