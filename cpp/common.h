@@ -145,7 +145,9 @@ template <typename Index>
 int64_t FirstOutOfRange(const Index* index, int64_t e0, int64_t e1, int64_t limit) {
   uint32_t any_bad = 0;
   const uint32_t lim = static_cast<uint32_t>(std::min<int64_t>(limit, INT32_MAX));
-  for (int64_t p = e0; p < e1; ++p) any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(index[p]) >= lim);
+  for (int64_t p = e0; p < e1; ++p) {
+    any_bad |= static_cast<uint32_t>(static_cast<uint32_t>(index[p]) >= lim);
+  }
   for (int64_t p = e0; any_bad != 0 && p < e1; ++p) {
     if (static_cast<int64_t>(index[p]) < 0 || static_cast<int64_t>(index[p]) >= limit) return p;
   }

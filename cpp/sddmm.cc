@@ -15,10 +15,10 @@
 namespace jaxsparse {
 namespace {
 
-// An operand as the kernels read it: rows [rows, K] with row stride ld.
+// An operand as the kernels read it: rows of K elements, ld apart.
 struct Operand {
   const void* data;
-  int64_t rows, k, ld;
+  int64_t k, ld;
 };
 
 // The dimensions of a 2-D operand, [rows, K] or (transposed) [K, rows].
@@ -35,12 +35,12 @@ bool Dims(ffi::AnyBuffer& x, bool transposed, int64_t* rows, int64_t* k) {
 Operand Rows(ffi::AnyBuffer& x, bool transposed, int dt, Scratch* scratch) {
   int64_t rows, k;
   Dims(x, transposed, &rows, &k);
-  if (!transposed) return Operand{x.untyped_data(), rows, k, k};
+  if (!transposed) return Operand{x.untyped_data(), k, k};
   const int64_t esz = DtSize(dt);
   const int64_t ld = (k * esz + 63) / 64 * 64 / esz;
   *scratch = AlignedScratch(rows * ld * esz);
   SelectKernels(dt).transpose(dt, x.untyped_data(), k, rows, rows, scratch->get(), ld, false);
-  return Operand{scratch->get(), rows, k, ld};
+  return Operand{scratch->get(), k, ld};
 }
 
 ffi::Error CheckOperands(const char* what, ffi::AnyBuffer& lhs, bool lhs_km, ffi::AnyBuffer& rhs,

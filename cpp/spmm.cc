@@ -82,7 +82,9 @@ SpmmProblem Shift(const SpmmProblem& p, int64_t r0) {
 // its group for N:M) is not below `limit`, or -1.
 int64_t FirstBadEntry(const SpmmProblem& p, int64_t r0, int64_t r1, int64_t limit) {
   if (p.fmt == kNm) return FirstOutOfRange(p.positions, r0 * p.slots, r1 * p.slots, limit);
-  if (p.indices16 != nullptr) return FirstOutOfRange(p.indices16, p.indptr[r0], p.indptr[r1], limit);
+  if (p.indices16 != nullptr) {
+    return FirstOutOfRange(p.indices16, p.indptr[r0], p.indptr[r1], limit);
+  }
   return FirstOutOfRange(p.indices, p.indptr[r0], p.indptr[r1], limit);
 }
 
@@ -107,7 +109,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   const int64_t tile = std::max<int64_t>(1, kTileRows / bm);
   // A K-blocked product (isa.h) fetches each K-block of B into L2 once per group of rows, so its
   // groups should be large: nk blocks of up to kBlockedRows rows, and 2 parts per thread instead
-  // of 8 (768x3072 at N = 1024: ~22 -> ~14 ms for kn).
+  // of 8 (768x3072 at N = 1024, interleaved in one process: ~29 -> ~18 ms, kn and nk).
   const bool blocked = p.dt == kF32 && p.fmt != kBsr && s.k > kBlockedK && s.n > 1;
   const int64_t sub = blocked ? std::max<int64_t>(1, kBlockedRows / bm) : tile;
   const std::vector<int64_t> parts = Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows,
@@ -163,7 +165,8 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
       for (int64_t r = r0; r < r1; ++r) {
         char* dst = copy_buf.get() + r * ldb * panel_esz;
         if (!widen) {
-          std::memcpy(dst, static_cast<const char*>(b) + r * b_cols * panel_esz, b_cols * panel_esz);
+          std::memcpy(dst, static_cast<const char*>(b) + r * b_cols * panel_esz,
+                      b_cols * panel_esz);
           continue;
         }
         const uint16_t* h = static_cast<const uint16_t*>(b) + r * b_cols;
@@ -203,11 +206,11 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   p.ldb = ldp;
   // Each output block (sub * bm rows of A by at most kNkCols columns of the panel: 16 x 128
   // unless bm > 16, up to 256 x 128 when K-blocked) stays in cache until it is transposed into
-  // out. A part visits the panel's columns kNkCols at a time, so that the [K, 128] slice it reads stays in L2 when N is large
-  // (batch 8 x 128 tokens: a 768 x 1024 panel is 3 MiB). A large out is written with streaming
-  // stores: its rows are M elements apart, often a multiple of 4 KiB, and a tile's 16 row
-  // segments would otherwise compete for the same L1 set; nothing reads out before the call
-  // returns.
+  // out. A part visits the panel's columns kNkCols at a time, so that the [K, 128] slice it
+  // reads stays in L2 when N is large (batch 8 x 128 tokens: a 768 x 1024 panel is 3 MiB). A
+  // large out is written with streaming stores: its rows are M elements apart, often a multiple
+  // of 4 KiB, and a tile's 16 row segments would otherwise compete for the same L1 set; nothing
+  // reads out before the call returns.
   constexpr int64_t kNkCols = 128;
   const int64_t ldt = std::min(s.n, kNkCols) + 64 / esz;  // padded like the panel
   const bool stream = s.m * s.n * esz >= (int64_t{1} << 20);
