@@ -123,7 +123,6 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     if (e >= 0) first_bad.Report(e);
     return e < 0;
   };
-  auto result = [&] { return first_bad.Get(); };
 
   if (s.n == 1 && p.dt != kF64) {
     std::vector<float> xbuf;
@@ -139,7 +138,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     ParallelFor(pool, n_parts, [&](int64_t q) {
       if (valid(q)) kern.spmv_rows(p, x, parts[q], parts[q + 1], out);
     });
-    return result();
+    return first_bad.Get();
   }
 
   // float16 B is widened to float32 once (see SpmmRowsT; the vector builds have no float16
@@ -184,7 +183,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     ParallelFor(pool, n_parts, [&](int64_t q) {
       if (valid(q)) kern.spmm_rows(p, parts[q], parts[q + 1], out, s.n);
     });
-    return result();
+    return first_bad.Get();
   }
 
   // nk: panel = B.T, [K, N], rows padded by one cache line: with a leading dimension that is a
@@ -229,7 +228,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
       }
     }
   });
-  return result();
+  return first_bad.Get();
 }
 
 // indices are int32, or uint16 for a matrix packed by jaxsparse.pack (K <= 65536).
