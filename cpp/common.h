@@ -116,24 +116,26 @@ bool DispatchFloat(ffi::DataType dtype, Fn&& fn) {
 // checked first; then each part's indices, on the thread that computes the part, just before it
 // does (RunSpmm in spmm.cc, Run in sddmm.cc).
 
-// indptr has rows + 1 entries, starts at 0, never decreases and ends at nnz.
+// indptr (or another offsets array, `name`) has rows + 1 entries, starts at 0, never decreases
+// and ends at nnz (`total` in messages).
 inline ffi::Error ValidateIndptr(const int32_t* indptr, int64_t rows, int64_t nnz,
-                                 const char* what) {
+                                 const char* what, const std::string& name = "indptr",
+                                 const char* total = "nnz") {
   if (indptr[0] != 0) {
-    return ffi::Error::InvalidArgument(std::string(what) + ": indptr[0] must be 0, got " +
+    return ffi::Error::InvalidArgument(std::string(what) + ": " + name + "[0] must be 0, got " +
                                        std::to_string(indptr[0]));
   }
   for (int64_t i = 0; i < rows; ++i) {
     if (indptr[i + 1] < indptr[i]) {
       return ffi::Error::InvalidArgument(
-          std::string(what) + ": indptr must be non-decreasing, but indptr[" +
-          std::to_string(i + 1) + "]=" + std::to_string(indptr[i + 1]) + " < indptr[" +
+          std::string(what) + ": " + name + " must be non-decreasing, but " + name + "[" +
+          std::to_string(i + 1) + "]=" + std::to_string(indptr[i + 1]) + " < " + name + "[" +
           std::to_string(i) + "]=" + std::to_string(indptr[i]));
     }
   }
   if (indptr[rows] != nnz) {
-    return ffi::Error::InvalidArgument(std::string(what) + ": indptr[-1] must equal nnz=" +
-                                       std::to_string(nnz) + ", got " +
+    return ffi::Error::InvalidArgument(std::string(what) + ": " + name + "[-1] must equal " +
+                                       total + "=" + std::to_string(nnz) + ", got " +
                                        std::to_string(indptr[rows]));
   }
   return ffi::Error::Success();

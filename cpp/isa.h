@@ -52,6 +52,24 @@ struct SddmmProblem {
   void* out;
 };
 
+// A matrix-vector product y = A x on the sliced layout that jaxsparse.pack builds for float32 CSR
+// matrices (see _pack.py): rows in slices of kSellLanes; within a slice, the columns in windows of
+// kSellWindow; for each (slice, window) group holding entries, `slots` vectors of kSellLanes
+// (value, column-in-window) pairs, lane j belonging to row 16 s + j (padding: value 0, column 0).
+// A slot needs no gather: its 16 columns index a 64-float window of x held in registers.
+constexpr int64_t kSellLanes = 16;
+constexpr int64_t kSellWindow = 64;
+struct SellProblem {
+  const float* values;         // [slots * 16]
+  const uint8_t* columns;      // [slots * 16], each < 64
+  const int32_t* group_window; // [groups]: window of x of each group
+  const int32_t* group_ptr;    // [groups + 1]: first slot of each group
+  const int32_t* slice_ptr;    // [slices + 1]: first group of each slice
+  const float* x;              // [windows * 64], zero past K
+  float* y;                    // [m]
+  int64_t m;
+};
+
 // spmm_rows visits the entries of a float32 product in K-blocks, up to kBlockedRows rows at a
 // time, when a [K, W] strip of B would exceed kStripBytes by half (see StripRows). For the widest
 // strips (8 AVX-512 vectors, 128 float32 columns) that is K > kBlockedK; a caller that splits its
@@ -67,6 +85,10 @@ struct IsaKernels {
   // N = 1: y[r] = A[r, :] . x for rows [r0, r1); x is float32 [K], y has type p.dt.
   void (*spmv_rows)(const SpmmProblem& p, const float* x, int64_t r0, int64_t r1, void* y);
   void (*sddmm_rows)(const SddmmProblem& p, int64_t r0, int64_t r1);
+  // y for the rows of slices [s0, s1) of a sliced matrix-vector product. Reads x only within
+  // each group's window, whatever the columns hold; returns the OR of all the columns it read,
+  // so the caller can tell (>= 64) that one was out of range.
+  uint8_t (*sell_rows)(const SellProblem& p, int64_t s0, int64_t s1);
   // dst[j, i] = src[i, j] for i < rows, j < cols (element type dt). With `stream`, whole 64-byte
   // aligned float32 row segments of dst are written with non-temporal stores (ordered by an
   // sfence before returning).

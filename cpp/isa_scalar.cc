@@ -6,8 +6,8 @@
 namespace jaxsparse {
 
 const IsaKernels& KernelsScalar() {
-  static const IsaKernels k{"scalar", isa_scalar::SpmmRows, isa_scalar::SpmvRows, isa_scalar::SddmmRows,
-                            isa_scalar::Transpose};
+  static const IsaKernels k{"scalar", isa_scalar::SpmmRows, isa_scalar::SpmvRows,
+                            isa_scalar::SddmmRows, isa_scalar::SellRows, isa_scalar::Transpose};
   return k;
 }
 

@@ -1,45 +1,94 @@
 """One-time preparation of a fixed (inference) weight for the native kernels: :func:`pack`.
 
-Weights do not change at inference time, so their layout can be chosen for the kernels once.
-:func:`pack` stores a CSR matrix's column indices in 16 bits when ``K <= 65536`` (6 bytes per
-float32 nonzero instead of 8; 4 for bfloat16), which matters most to the memory-bound
-matrix-vector product (N = 1). The result is still a :class:`CSR` (a subclass, a pytree with the
-same children and static metadata), so ``jaxsparse.matmul``, ``jit``, ``.T`` and the reference
-backend (every non-CPU platform) take it unchanged.
+Weights do not change at inference time, so their layout can be chosen for the kernels once, as
+SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :class:`PackedCSR`:
+
+* column indices in 16 bits when ``K <= 65536`` (6 bytes per float32 nonzero instead of 8);
+* for float32, a second copy of the matrix in a *sliced* layout for the matrix-vector product
+  (``N = 1``): rows in slices of 16, columns in windows of 64. For each (slice, window) holding
+  entries it stores ``c`` vectors of 16 ``(value, column - 64 * window)`` pairs, lane ``j`` for row
+  ``16 * slice + j``, where ``c`` is the most entries any of the 16 rows has in the window (the
+  others padded with zeros). The kernel then needs no gather: the 16 columns of a vector index a
+  64-float window of ``x`` held in four registers (AVX-512 ``vpermt2ps``), and the 16 sums are
+  the 16 lanes of one accumulator, with no horizontal sums. On a 3072x768 matrix at 90% sparsity
+  this holds ~1.7 slots per nonzero (~8.6 bytes per nonzero with the 1-byte columns) and runs
+  ~2.6x faster than the gathering CSR kernel.
+
+A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
+``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
+only the native CPU matrix-vector product reads the sliced copy.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
-from jaxsparse._formats import BSR, CSR, NM, SparseMatrix
+from jaxsparse._formats import BSR, CSR, NM, SparseMatrix, _is_concrete
 
-__all__ = ["pack", "PackedCSR"]
+__all__ = ["pack", "PackedCSR", "SlicedMatvec", "sell_spmv_p"]
 
 _MAX_K16 = 1 << 16
+SLICE = 16  # rows per slice (lanes of an AVX-512 float32 vector)
+WINDOW = 64  # columns per window (four AVX-512 registers of x)
+
+
+class SlicedMatvec(NamedTuple):
+    """The sliced matrix-vector layout of a float32 matrix (see the module docstring)."""
+
+    values: jax.Array        # float32 [slots * 16]
+    columns: jax.Array       # uint8 [slots * 16], column within the window
+    group_window: jax.Array  # int32 [groups]
+    group_ptr: jax.Array     # int32 [groups + 1], first slot of each group
+    slice_ptr: jax.Array     # int32 [ceil(M / 16) + 1], first group of each slice
 
 
 @jax.tree_util.register_pytree_node_class
 class PackedCSR(CSR):
-    """A :class:`CSR` whose ``indices`` are ``uint16`` (made by :func:`pack`, not by hand)."""
+    """A :class:`CSR` prepared by :func:`pack` (not made by hand): ``indices`` ``uint16`` when
+    ``K <= 65536``, and ``matvec``, a :class:`SlicedMatvec` copy of a float32 matrix (or None).
+
+    Values and pattern are the CSR arrays; ``with_values`` and ``astype`` give a matrix without
+    the sliced copy (it would no longer match the values).
+    """
+
+    def _set(self, children, aux):
+        self.data, self.indices, self.indptr = children[:3]
+        self.matvec = children[3] if len(children) > 3 else None
+        self._shape, self.transposed = aux
+
+    def _children(self):
+        return (self.data, self.indices, self.indptr, self.matvec)
+
+    @property
+    def pattern_arrays(self) -> tuple:
+        return (self.indices, self.indptr)
 
     def _repr_extra(self):
-        return ", packed=uint16 indices"
+        extra = f", indices={np.dtype(self.indices.dtype).name}"
+        return extra + (", sliced matvec" if self.matvec is not None else "")
 
 
-def pack(a: SparseMatrix) -> SparseMatrix:
+def pack(a: SparseMatrix, *, matvec: bool = True) -> SparseMatrix:
     """A kernel-friendly copy of ``a`` for repeated products with a fixed sparse weight.
 
-    * :class:`CSR` with ``K <= 65536`` stored columns: a :class:`PackedCSR` with 16-bit column
-      indices (values and row offsets unchanged); larger ``K`` is returned as is.
+    * :class:`CSR`: a :class:`PackedCSR` with 16-bit column indices when ``K <= 65536`` and, for a
+      float32 matrix with concrete arrays and ``matvec=True``, the sliced layout that the native
+      CPU matrix-vector product (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``) uses.
+      The sliced copy takes ~1.7x (90% sparsity) to ~3x (98%) the nonzeros in 5-byte slots; pass
+      ``matvec=False`` when the weight only meets ``N > 1`` products. Inside ``jit`` (traced
+      arrays) only the indices are narrowed.
     * :class:`BSR` and :class:`NM` are already compact (one index per block, 8-bit positions)
-      and are returned as is.
+      and are returned as is, as is a :class:`PackedCSR`.
 
-    The packed matrix works with ``jaxsparse.matmul`` in both layouts (``W @ x`` and
-    ``x @ W.T``), under ``jit``, on every backend, and gives the same result as ``a``.
-    Differentiating with respect to its values falls back to the reference SDDMM.
+    The packed matrix gives the same products as ``a`` on every backend, under ``jit`` and
+    ``vmap``; gradients flow to its CSR values (``data``), not to the sliced copy.
 
     >>> w = jaxsparse.CSR.fromdense(jnp.eye(3))
     >>> jaxsparse.pack(w).indices.dtype
@@ -49,11 +98,120 @@ def pack(a: SparseMatrix) -> SparseMatrix:
         raise TypeError(f"pack: expected a jaxsparse matrix, got {type(a).__name__}")
     if isinstance(a, PackedCSR) or isinstance(a, (BSR, NM)) or type(a) is not CSR:
         return a
-    if a.stored_shape[1] > _MAX_K16:
-        return a
     indices = a.indices
-    if isinstance(indices, np.ndarray):
-        indices = indices.astype(np.uint16)
-    else:
-        indices = jnp.asarray(indices).astype(jnp.uint16)
-    return PackedCSR.tree_unflatten(a._aux(), (a.data, indices, a.indptr))
+    if a.stored_shape[1] <= _MAX_K16:
+        if isinstance(indices, np.ndarray):
+            indices = indices.astype(np.uint16)
+        else:
+            indices = jnp.asarray(indices).astype(jnp.uint16)
+    sliced = None
+    if matvec and a.dtype == jnp.float32 and all(map(_is_concrete, (a.data, a.indices, a.indptr))):
+        sliced = _sliced(np.asarray(a.data), np.asarray(a.indices), np.asarray(a.indptr),
+                         a.stored_shape)
+    elif indices is a.indices:
+        return a  # nothing to prepare
+    return PackedCSR.tree_unflatten(a._aux(), (a.data, indices, a.indptr, sliced))
+
+
+def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
+    """The sliced layout of a (valid) float32 CSR matrix, built with NumPy."""
+    m, k = shape
+    nnz = indices.shape[0]
+    windows = max(1, -(-k // WINDOW))
+    slices = -(-m // SLICE)
+    rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
+    cols = indices.astype(np.int64)
+    group_key = (rows // SLICE) * windows + cols // WINDOW  # (slice, window), in that order
+    lane = rows % SLICE
+    order = np.lexsort((lane, group_key))  # stable: storage order within (group, lane)
+    bucket = group_key[order] * SLICE + lane[order]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]]) if nnz else np.zeros(0, int)
+    rank = np.arange(nnz) - np.repeat(starts, np.diff(np.r_[starts, nnz]))
+    keys, group_of = np.unique(group_key[order], return_inverse=True)
+    counts = np.zeros(keys.shape[0], np.int64)
+    np.maximum.at(counts, group_of, rank + 1)
+    group_ptr = np.r_[0, np.cumsum(counts)]
+    slot_pos = (group_ptr[group_of] + rank) * SLICE + lane[order]
+    values = np.zeros(group_ptr[-1] * SLICE, np.float32)
+    columns = np.zeros(group_ptr[-1] * SLICE, np.uint8)
+    values[slot_pos] = data[order]
+    columns[slot_pos] = cols[order] % WINDOW
+    slice_ptr = np.searchsorted(keys // windows, np.arange(slices + 1))
+    return SlicedMatvec(*(jnp.asarray(v) for v in (
+        values, columns, (keys % windows).astype(np.int32), group_ptr.astype(np.int32),
+        slice_ptr.astype(np.int32))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The primitive: A @ x (N = 1) of a PackedCSR with a sliced copy. It carries the CSR arrays too,
+# so that every other platform, backend and transformation (JVP, batching) is the CSR product.
+
+sell_spmv_p = Primitive("jaxsparse_sell_spmv")
+
+
+def sell_spmv(a: PackedCSR, b, *, layout: str, backend: str):
+    """``a @ b`` (``layout="kn"``, ``b`` ``[K, 1]``) or ``b @ a.T`` (``"nk"``, ``b`` ``[1, K]``)."""
+    return sell_spmv_p.bind(a.data, a.indices, a.indptr, *a.matvec, b, shape=a.stored_shape,
+                            layout=layout, backend=backend)
+
+
+def _csr_params(shape, layout, backend):
+    return dict(fmt="csr", shape=shape, nm=None, transpose_a=False, layout=layout,
+                backend=backend)
+
+
+def _split(args):
+    data, indices, indptr, *sliced, b = args
+    return (data, indices, indptr, b), sliced
+
+
+def _via_csr(*args, shape, layout, backend):
+    from jaxsparse._spmm import spmm_p
+    csr, _ = _split(args)
+    return spmm_p.bind(*csr, **_csr_params(shape, layout, backend))
+
+
+def _abstract_eval(*args, shape, layout, backend):
+    from jaxsparse._spmm import _spmm_abstract_eval
+    csr, sliced = _split(args)
+    want = [jnp.float32, jnp.uint8, jnp.int32, jnp.int32, jnp.int32]
+    if len(sliced) != 5 or any(s.dtype != w or s.ndim != 1 for s, w in zip(sliced, want)):
+        raise TypeError("sell_spmv: the sliced layout must be 1-D (float32 values, uint8 columns, "
+                        "int32 group_window, group_ptr, slice_ptr); got "
+                        f"{[(s.dtype, s.shape) for s in sliced]}")
+    n = csr[3].shape[1] if layout == "kn" else csr[3].shape[0]
+    if n != 1 or csr[0].dtype != jnp.float32:
+        raise ValueError(f"sell_spmv: a float32 matrix-vector product only, got N={n}, "
+                         f"dtype={csr[0].dtype}")
+    return _spmm_abstract_eval(*csr, **_csr_params(shape, layout, backend))
+
+
+def _jvp(primals, tangents, *, shape, layout, backend):
+    from jaxsparse._spmm import spmm_p
+    (data, indices, indptr, b), _ = _split(primals)
+    (data_dot, _, _, b_dot), _ = _split(tangents)
+    out = sell_spmv_p.bind(*primals, shape=shape, layout=layout, backend=backend)
+    params = _csr_params(shape, layout, backend)
+    terms = []
+    if type(data_dot) is not ad.Zero:
+        terms.append(spmm_p.bind(data_dot, indices, indptr, b, **params))
+    if type(b_dot) is not ad.Zero:
+        terms.append(spmm_p.bind(data, indices, indptr, b_dot, **params))
+    if not terms:
+        return out, ad.Zero.from_primal_value(out)
+    return out, functools.reduce(jnp.add, terms)
+
+
+def _batch(args, dims, *, shape, layout, backend):
+    # Batched, the product has N > 1 (or several matrices): the CSR rule handles it.
+    from jaxsparse._spmm import _spmm_batch
+    csr, _ = _split(args)
+    csr_dims, _ = _split(dims)
+    return _spmm_batch(csr, csr_dims, **_csr_params(shape, layout, backend))
+
+
+sell_spmv_p.def_impl(functools.partial(jax._src.dispatch.apply_primitive, sell_spmv_p))
+sell_spmv_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[sell_spmv_p] = _jvp
+batching.primitive_batchers[sell_spmv_p] = _batch
+mlir.register_lowering(sell_spmv_p, mlir.lower_fun(_via_csr, multiple_results=False))

@@ -118,6 +118,11 @@ def spmm(a: SparseMatrix, b, *, transpose_a: bool = False, layout: str = "kn",
         raise TypeError(f"spmm: a must be a jaxsparse matrix, got {type(a).__name__}")
     if layout not in _LAYOUTS:
         raise ValueError(f"spmm: layout must be one of {_LAYOUTS}, got layout={layout!r}")
+    n = b.shape[1] if layout == "kn" else b.shape[0]
+    if getattr(a, "matvec", None) is not None and not transpose_a and n == 1 and \
+            a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        from jaxsparse._pack import sell_spmv  # a packed matrix-vector product
+        return sell_spmv(a, b, layout=layout, backend=_config.resolve_backend(backend))
     return spmm_p.bind(a.values, *a.pattern_arrays, b, transpose_a=bool(transpose_a),
                        layout=layout, backend=_config.resolve_backend(backend),
                        **a._prim_params())

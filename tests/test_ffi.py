@@ -306,7 +306,7 @@ def test_large_k_and_long_rows(rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# jaxsparse.pack: 16-bit column indices for fixed weights.
+# jaxsparse.pack: 16-bit column indices and the sliced matrix-vector layout for fixed weights.
 
 
 def test_pack_matches_unpacked_on_every_path(rng):
@@ -316,7 +316,8 @@ def test_pack_matches_unpacked_on_every_path(rng):
     assert jaxsparse.pack(p) is p
     for n in (1, 37):
         for fn, x, expected in _products(p, n, rng, jnp.float32):
-            assert "jaxsparse_csr_spmm" in fn.lower(p, x).as_text()
+            target = "jaxsparse_sell_spmv" if n == 1 else "jaxsparse_csr_spmm"
+            assert target in fn.lower(p, x).as_text()
             for name in ISAS:
                 with isa(name):
                     assert_close(fn(p, x), expected, jnp.float32)
@@ -334,7 +335,11 @@ def test_pack_leaves_other_formats_and_large_k():
     assert jaxsparse.pack(b) is b
     import scipy.sparse as sp
     wide = jaxsparse.CSR.from_scipy(sp.eye(2, 70000, format="csr", dtype=np.float32))
-    assert jaxsparse.pack(wide) is wide
+    assert jaxsparse.pack(wide, matvec=False) is wide  # too wide for 16-bit indices
+    packed = jaxsparse.pack(wide)
+    assert packed.indices.dtype == np.int32 and packed.matvec is not None
+    x = np.arange(70000, dtype=np.float32)
+    np.testing.assert_array_equal(packed @ x, [0.0, 1.0])
     with pytest.raises(TypeError, match="pack: expected a jaxsparse matrix"):
         jaxsparse.pack(np.ones((2, 2)))
 
@@ -348,3 +353,110 @@ def test_malformed_packed_indices_in_jit():
 
     with pytest.raises(Exception, match=r"csr_spmm: indices\[2\]=9 is out of range \[0, 6\)"):
         jax.block_until_ready(f(jnp.array([0, 1, 9], jnp.uint16)))
+
+
+# Shapes around the slice (16 rows) and window (64 columns) edges: partial last slice and window,
+# a single window narrower than 64, several windows.
+_SLICED_SHAPES = [(40, 300), (16, 64), (5, 7), (33, 130), (70, 64)]
+
+
+@pytest.mark.parametrize("shape", _SLICED_SHAPES, ids=str)
+def test_pack_sliced_matvec(rng, shape):
+    a, a64 = _skewed(rng, shape, "csr", jnp.float32)
+    p = jaxsparse.pack(a)
+    assert p.matvec is not None and p.matvec.values.shape[0] % 16 == 0
+    m, k = shape
+    x, x64 = rounded(rng.standard_normal(k), jnp.float32)
+    forms = {  # every way of writing A x that reaches the sliced kernel
+        "a@x": (jax.jit(lambda a, x: a @ x), x, a64 @ x64),
+        "a@x[K,1]": (jax.jit(lambda a, x: a @ x), x[:, None], (a64 @ x64)[:, None]),
+        "x@a.T": (jax.jit(lambda a, x: x @ a.T), x, a64 @ x64),
+        "x[1,K]@a.T": (jax.jit(lambda a, x: x @ a.T), x[None], (a64 @ x64)[None]),
+    }
+    for fn, xx, expected in forms.values():
+        assert "jaxsparse_sell_spmv" in fn.lower(p, xx).as_text()
+        for name in ISAS:
+            for threads in (1, 2):
+                with isa(name), max_threads(threads):
+                    assert_close(fn(p, xx), expected, jnp.float32)
+    ref = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference"))
+    assert "sell" not in ref.lower(p, x).as_text()
+    assert_close(ref(p, x), a64 @ x64, jnp.float32)
+
+
+def test_pack_sliced_matvec_transforms(rng):
+    """grad (to the CSR values and to x), vmap (N > 1 through the CSR kernel), the transposed
+    product, and the copies that drop the sliced layout."""
+    a, a64 = _skewed(rng, (50, 100), "csr", jnp.float32)
+    p = jaxsparse.pack(a)
+    x = rng.standard_normal(100).astype(np.float32)
+    loss = lambda v, x: jnp.sum(jnp.sin(p.with_values(v) @ x))
+    loss_packed = lambda p, x: jnp.sum(jnp.sin(p @ x))
+    g_vals = jax.grad(loss_packed, allow_int=True)(p, x).data
+    g_x = jax.grad(loss_packed, argnums=1)(p, x)
+    rows = np.repeat(np.arange(50), np.diff(np.asarray(a.indptr)))
+    cos = np.cos(a64 @ x.astype(np.float64))
+    assert_close(g_vals, cos[rows] * x.astype(np.float64)[np.asarray(a.indices)], jnp.float32)
+    assert_close(g_x, a64.T @ cos, jnp.float32)
+    assert_close(jax.grad(loss)(p.data, x), cos[rows] * x.astype(np.float64)[np.asarray(a.indices)],
+                 jnp.float32)
+    xs = rng.standard_normal((3, 100)).astype(np.float32)
+    assert_close(jax.vmap(lambda x: p @ x)(xs), xs.astype(np.float64) @ a64.T, jnp.float32)
+    y = rng.standard_normal(50).astype(np.float32)
+    assert_close(p.T @ y, a64.T @ y.astype(np.float64), jnp.float32)
+    assert p.with_values(p.data * 2).matvec is None and p.astype(jnp.float64).matvec is None
+    assert_close(p.with_values(p.data * 2) @ x, 2 * a64 @ x.astype(np.float64), jnp.float32)
+
+
+def test_pack_without_sliced_layout(rng):
+    a, a64 = _skewed(rng, (20, 40), "csr", jnp.float32)
+    x = rng.standard_normal(40).astype(np.float32)
+    assert jaxsparse.pack(a, matvec=False).matvec is None
+    assert jaxsparse.pack(a.astype(jnp.bfloat16)).matvec is None
+    traced = jax.jit(lambda a, x: (lambda p: (p.matvec is None, p @ x))(jaxsparse.pack(a)))
+    none, y = traced(a, x)
+    assert none and y.shape == (20,)
+    assert_close(y, a64 @ x.astype(np.float64), jnp.float32)
+
+
+def _sliced_call(arrays, m, k):
+    """The sliced kernel on hand-made layout arrays (what a malformed matrix would reach)."""
+    @jax.jit
+    def f(values, columns, window, group_ptr, slice_ptr):
+        p = jaxsparse.PackedCSR.tree_unflatten(((m, k), False), (
+            jnp.zeros(1, jnp.float32), jnp.zeros(1, jnp.uint16), jnp.zeros(m + 1, jnp.int32).at[
+                1:].set(1), jaxsparse.SlicedMatvec(values, columns, window, group_ptr, slice_ptr)))
+        return jaxsparse.matmul(p, jnp.ones((k,), jnp.float32), backend="ffi")
+    return jax.block_until_ready(f(*arrays))
+
+
+def _layout(columns, window, group_ptr, slice_ptr):
+    columns = np.asarray(columns, np.uint8)
+    return (np.ones(columns.shape, np.float32), columns, np.asarray(window, np.int32),
+            np.asarray(group_ptr, np.int32), np.asarray(slice_ptr, np.int32))
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_malformed_sliced_layout_in_jit(name):
+    m, k = 20, 100  # two slices, two windows (the second 36 wide)
+    ok = _layout(np.arange(48) % 36, [0, 1, 1], [0, 1, 2, 3], [0, 1, 3])
+    bad = {
+        r"group 1 \(window 2\) reaches past K=100": _layout(np.zeros(48), [0, 2, 1], [0, 1, 2, 3],
+                                                             [0, 1, 3]),
+        r"group 2 \(window 1\) reaches past K=100": _layout(np.r_[np.zeros(47), 36], [0, 1, 1],
+                                                             [0, 1, 2, 3], [0, 1, 3]),
+        r"group 0 \(window 0\) reaches past K=100": _layout(np.r_[64, np.zeros(47)], [0, 1, 1],
+                                                             [0, 1, 2, 3], [0, 1, 3]),
+        r"slice_ptr must be non-decreasing": _layout(np.zeros(48), [0, 1, 1], [0, 1, 2, 3],
+                                                     [0, 3, 1]),
+        r"group_ptr\[-1\] must equal len\(values\) / 16=3, got 4": _layout(
+            np.zeros(48), [0, 1, 1], [0, 1, 2, 4], [0, 1, 3]),
+        r"slice_ptr must have ceil\(M / 16\) \+ 1 = 3 entries": _layout(
+            np.zeros(48), [0, 1, 1], [0, 1, 2, 3], [0, 3]),
+    }
+    with isa(name):
+        # x = 1 and values 1: rows 0-15 have one slot (group 0), rows 16-19 two (groups 1, 2).
+        assert_close(_sliced_call(ok, m, k), np.r_[np.ones(16), 2 * np.ones(4)], jnp.float32)
+        for message, arrays in bad.items():
+            with pytest.raises(Exception, match=message):
+                _sliced_call(arrays, m, k)

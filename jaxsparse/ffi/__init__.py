@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
+from jaxsparse._pack import _via_csr, sell_spmv_p
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
 from jaxsparse._spmm import spmm_p, spmm_reference
 
@@ -105,6 +106,13 @@ def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, **_):
     return jax.ffi.ffi_call(f"jaxsparse_{fmt}_spmm", out_type)(data, *pattern, b, nk=np.bool_(nk))
 
 
+def _sell_native(data, indices, indptr, *rest, shape, layout, **_):
+    *sliced, b = rest
+    out_shape = (shape[0], 1) if layout == "kn" else (1, shape[0])
+    return jax.ffi.ffi_call("jaxsparse_sell_spmv", jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+        *sliced, b)
+
+
 def _sddmm_native(lhs, rhs, *pattern, fmt, block, transpose_lhs, transpose_rhs, **_):
     # The kernel takes lhs as [M, K] or [K, M] (lhs_km) and rhs as [N, K] or [K, N] (rhs_kn) and
     # transposes what it must itself.
@@ -136,6 +144,10 @@ def _sddmm_kernel(avals, params):
     return _sddmm_native, None
 
 
+def _sell_kernel(avals, params):
+    return _sell_native, None
+
+
 def _cpu_lowering(select, reference):
     def lowering(ctx, *args, **params):
         backend = params["backend"]
@@ -160,6 +172,7 @@ def _register():
         warnings.warn(UNAVAILABLE_REASON, RuntimeWarning, stacklevel=3)
     mlir.register_lowering(spmm_p, _cpu_lowering(_spmm_kernel, spmm_reference), platform="cpu")
     mlir.register_lowering(sddmm_p, _cpu_lowering(_sddmm_kernel, sddmm_reference), platform="cpu")
+    mlir.register_lowering(sell_spmv_p, _cpu_lowering(_sell_kernel, _via_csr), platform="cpu")
 
 
 _register()

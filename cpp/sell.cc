@@ -1,0 +1,129 @@
+// The matrix-vector product on the sliced layout that jaxsparse.pack builds for float32 CSR
+// matrices (isa.h, SellProblem): y [M] = A x, x [K]. The layout is checked in O(size) before it
+// is read through: the offsets arrays on the calling thread, each part's windows and columns on
+// the thread that computes the part.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace jaxsparse {
+namespace {
+
+constexpr const char* kWhat = "sell_spmv";
+
+// The first group of [g0, g1) with a window past x, or in the last window when K is not a
+// multiple of 64 with a column past K; -1 if none. Run before the kernel reads x through the
+// windows; the kernel itself reports columns of 64 or more (which it never follows past the
+// window) through the OR it returns, and FirstWideColumn then finds the group.
+int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
+  const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
+  const int64_t last_width = k - (windows - 1) * kSellWindow;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t w = p.group_window[g];
+    if (w < 0 || w >= windows) return g;
+    if (w == windows - 1 && last_width < kSellWindow) {
+      for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
+           q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
+        if (p.columns[q] >= last_width) return g;
+      }
+    }
+  }
+  return -1;
+}
+
+int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
+         q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
+      if (p.columns[q] >= kSellWindow) return g;
+    }
+  }
+  return -1;
+}
+
+ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
+                    ffi::Buffer<ffi::U8> columns, ffi::Buffer<ffi::S32> group_window,
+                    ffi::Buffer<ffi::S32> group_ptr, ffi::Buffer<ffi::S32> slice_ptr,
+                    ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  const int64_t m = y->element_count(), k = x.element_count();
+  const int64_t slices = (m + kSellLanes - 1) / kSellLanes;
+  const int64_t groups = group_window.element_count();
+  if (static_cast<int64_t>(slice_ptr.element_count()) != slices + 1 ||
+      static_cast<int64_t>(group_ptr.element_count()) != groups + 1) {
+    return ffi::Error::InvalidArgument(
+        std::string(kWhat) + ": slice_ptr must have ceil(M / 16) + 1 = " +
+        std::to_string(slices + 1) + " entries and group_ptr len(group_window) + 1 = " +
+        std::to_string(groups + 1) + "; got " + std::to_string(slice_ptr.element_count()) +
+        " and " + std::to_string(group_ptr.element_count()));
+  }
+  if (auto err = ValidateIndptr(slice_ptr.typed_data(), slices, groups, kWhat, "slice_ptr",
+                                "len(group_window)");
+      err.failure()) {
+    return err;
+  }
+  const int64_t n_slots = values.element_count() / kSellLanes;
+  if (static_cast<int64_t>(values.element_count()) != n_slots * kSellLanes ||
+      columns.element_count() != values.element_count()) {
+    return ffi::Error::InvalidArgument(std::string(kWhat) +
+                                       ": values and columns must hold the same multiple of 16 "
+                                       "entries");
+  }
+  if (auto err = ValidateIndptr(group_ptr.typed_data(), groups, n_slots, kWhat, "group_ptr",
+                                "len(values) / 16");
+      err.failure()) {
+    return err;
+  }
+  if (m == 0) return ffi::Error::Success();
+  // x padded with zeros to whole windows: the kernels load each window whole.
+  const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
+  Scratch xpad = AlignedScratch(windows * kSellWindow * sizeof(float));
+  float* xp = reinterpret_cast<float*>(xpad.get());
+  std::memcpy(xp, x.typed_data(), k * sizeof(float));
+  std::fill(xp + k, xp + windows * kSellWindow, 0.0f);
+
+  SellProblem p{values.typed_data(), columns.typed_data(), group_window.typed_data(),
+                group_ptr.typed_data(), slice_ptr.typed_data(), xp, y->typed_data(), m};
+  // Parts of equal work: slots per slice, as an offsets array for BalanceRows.
+  std::vector<int32_t> work(slices + 1);
+  for (int64_t s = 0; s <= slices; ++s) work[s] = p.group_ptr[p.slice_ptr[s]];
+  const int64_t threads = NumThreads(pool);
+  std::vector<int64_t> parts(8 * threads + 1);
+  const int64_t n_parts =
+      BalanceRows(work.data(), slices, threads <= 1 ? 1 : 8 * threads, parts.data());
+  const IsaKernels& kern = SelectKernels(kF32);
+  FirstBad first_bad;
+  ParallelFor(pool, n_parts, [&](int64_t q) {
+    const int64_t g0 = p.slice_ptr[parts[q]], g1 = p.slice_ptr[parts[q + 1]];
+    int64_t bad = FirstBadGroup(p, g0, g1, k);
+    if (bad < 0 && kern.sell_rows(p, parts[q], parts[q + 1]) >= kSellWindow) {
+      bad = FirstWideColumn(p, g0, g1);
+    }
+    if (bad >= 0) first_bad.Report(bad);
+  });
+  if (const int64_t g = first_bad.Get(); g >= 0) {
+    return ffi::Error::InvalidArgument(
+        std::string(kWhat) + ": group " + std::to_string(g) + " (window " +
+        std::to_string(p.group_window[g]) + ") reaches past K=" + std::to_string(k) +
+        ": group_window must be < ceil(K / 64) and every column of its slots < K - 64 * window");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kSellSpmv, SellSpmv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values [slots * 16]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // columns [slots * 16]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_window [groups]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_ptr [groups + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr [slices + 1]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x: K elements, any shape
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y: M elements, any shape
+
+}  // namespace jaxsparse
