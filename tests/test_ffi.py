@@ -252,6 +252,19 @@ def test_linear_layout_large_output(rng, m):
                 assert_close(_NK(a, x), expected, jnp.float32)
 
 
+@pytest.mark.parametrize("bm", [1, 2, 3, 6, 8, 16])
+def test_bsr_row_groups(rng, bm):
+    """BSR strips of 64 columns take a block's rows in groups of 6, 4, 2 and 1 (16 = 6 + 6 + 4,
+    3 = 2 + 1), then 32, 16 and a tail (N = 101 = 64 + 32 + 5); float32 and bfloat16, both
+    layouts, each instruction set."""
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a, _ = random_sparse(rng, (4 * bm, 48), 0.4, "bsr", dtype, block=(bm, 8))
+        for fn, x, expected in _products(a, 101, rng, dtype):
+            for name in ISAS:
+                with isa(name):
+                    assert_close(fn(a, x).astype(jnp.float32), expected, dtype)
+
+
 def test_k_blocked_products(rng):
     """K large enough that a strip of B is visited in K-blocks (float32, K = 2400 at N >= 128),
     strips of 8 vectors, 1 vector and a scalar tail (N = 149), both layouts, CSR and N:M; and a
