@@ -55,17 +55,21 @@ struct SddmmProblem {
 // A matrix-vector product y = A x on the sliced layout that jaxsparse.pack builds for float32 CSR
 // matrices (see _pack.py): rows in slices of kSellLanes; within a slice, the columns in windows of
 // kSellWindow; for each (slice, window) group holding entries, `slots` vectors of kSellLanes
-// (value, column-in-window) pairs, lane j belonging to row 16 s + j (padding: value 0, column 0).
-// A slot needs no gather: its 16 columns index a 64-float window of x held in registers.
+// (value, column-in-window) pairs, lane j belonging to row 16 s + j. A slot needs no gather: its
+// 16 columns index the window of x held in four registers: 63 columns of x and a zero, which
+// padding lanes (value 0, column kSellPad) read, so that a NaN or Inf in x never meets a padded
+// 0 (only stored entries multiply, as in the other kernels).
 constexpr int64_t kSellLanes = 16;
-constexpr int64_t kSellWindow = 64;
+constexpr int64_t kSellWindow = 63;   // columns of A per window
+constexpr int64_t kSellStride = 64;   // floats per window of the padded x
+constexpr uint8_t kSellPad = 63;      // the column of padding lanes: the zero after each window
 struct SellProblem {
   const float* values;         // [slots * 16]
-  const uint8_t* columns;      // [slots * 16], each < 64
+  const uint8_t* columns;      // [slots * 16], each < 63, or kSellPad
   const int32_t* group_window; // [groups]: window of x of each group
   const int32_t* group_ptr;    // [groups + 1]: first slot of each group
   const int32_t* slice_ptr;    // [slices + 1]: first group of each slice
-  const float* x;              // [windows * 64], zero past K
+  const float* x;              // [windows * 64]: window w is x[63 w, 63 w + 63), zeros after
   float* y;                    // [m]
   int64_t m;
 };

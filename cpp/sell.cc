@@ -15,10 +15,10 @@ namespace {
 
 constexpr const char* kWhat = "sell_spmv";
 
-// The first group of [g0, g1) with a window past x, or in the last window when K is not a
-// multiple of 64 with a column past K; -1 if none. Run before the kernel reads x through the
-// windows; the kernel itself reports columns of 64 or more (which it never follows past the
-// window) through the OR it returns, and FirstWideColumn then finds the group.
+// The first group of [g0, g1) with a window past x, or in the last window (when it is narrower
+// than 63 columns) with a column past K that is not the padding column; -1 if none. Run before the
+// kernel reads x through the windows; the kernel itself reports columns of 64 or more (which it
+// never follows past the window) through the OR it returns, and FirstWideColumn finds the group.
 int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
   const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
   const int64_t last_width = k - (windows - 1) * kSellWindow;
@@ -28,7 +28,7 @@ int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
     if (w == windows - 1 && last_width < kSellWindow) {
       for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
            q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-        if (p.columns[q] >= last_width) return g;
+        if (p.columns[q] >= last_width && p.columns[q] != kSellPad) return g;
       }
     }
   }
@@ -39,7 +39,7 @@ int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
          q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-      if (p.columns[q] >= kSellWindow) return g;
+      if (p.columns[q] >= kSellStride) return g;
     }
   }
   return -1;
@@ -78,12 +78,16 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
     return err;
   }
   if (m == 0) return ffi::Error::Success();
-  // x padded with zeros to whole windows: the kernels load each window whole.
+  // x in windows of 63 columns, each followed by zeros up to 64 floats: the kernels load each
+  // window whole, and padding lanes read its zero.
   const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
-  Scratch xpad = AlignedScratch(windows * kSellWindow * sizeof(float));
+  Scratch xpad = AlignedScratch(windows * kSellStride * sizeof(float));
   float* xp = reinterpret_cast<float*>(xpad.get());
-  std::memcpy(xp, x.typed_data(), k * sizeof(float));
-  std::fill(xp + k, xp + windows * kSellWindow, 0.0f);
+  std::fill(xp, xp + windows * kSellStride, 0.0f);
+  for (int64_t w = 0; w < windows; ++w) {
+    std::memcpy(xp + w * kSellStride, x.typed_data() + w * kSellWindow,
+                std::min(kSellWindow, k - w * kSellWindow) * sizeof(float));
+  }
 
   SellProblem p{values.typed_data(), columns.typed_data(), group_window.typed_data(),
                 group_ptr.typed_data(), slice_ptr.typed_data(), xp, y->typed_data(), m};
@@ -99,7 +103,7 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   ParallelFor(pool, n_parts, [&](int64_t q) {
     const int64_t g0 = p.slice_ptr[parts[q]], g1 = p.slice_ptr[parts[q + 1]];
     int64_t bad = FirstBadGroup(p, g0, g1, k);
-    if (bad < 0 && kern.sell_rows(p, parts[q], parts[q + 1]) >= kSellWindow) {
+    if (bad < 0 && kern.sell_rows(p, parts[q], parts[q + 1]) >= kSellStride) {
       bad = FirstWideColumn(p, g0, g1);
     }
     if (bad >= 0) first_bad.Report(bad);
@@ -108,7 +112,8 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
     return ffi::Error::InvalidArgument(
         std::string(kWhat) + ": group " + std::to_string(g) + " (window " +
         std::to_string(p.group_window[g]) + ") reaches past K=" + std::to_string(k) +
-        ": group_window must be < ceil(K / 64) and every column of its slots < K - 64 * window");
+        ": group_window must be < ceil(K / 63) and every column of its slots < 63 and "
+        "< K - 63 * window, or 63 (padding)");
   }
   return ffi::Error::Success();
 }

@@ -5,14 +5,15 @@ SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :clas
 
 * column indices in 16 bits when ``K <= 65536`` (6 bytes per float32 nonzero instead of 8);
 * for float32, a second copy of the matrix in a *sliced* layout for the matrix-vector product
-  (``N = 1``): rows in slices of 16, columns in windows of 64. For each (slice, window) holding
-  entries it stores ``c`` vectors of 16 ``(value, column - 64 * window)`` pairs, lane ``j`` for row
+  (``N = 1``): rows in slices of 16, columns in windows of 63. For each (slice, window) holding
+  entries it stores ``c`` vectors of 16 ``(value, column - 63 * window)`` pairs, lane ``j`` for row
   ``16 * slice + j``, where ``c`` is the most entries any of the 16 rows has in the window (the
-  others padded with zeros). The kernel then needs no gather: the 16 columns of a vector index a
-  64-float window of ``x`` held in four registers (AVX-512 ``vpermt2ps``), and the 16 sums are
-  the 16 lanes of one accumulator, with no horizontal sums. On a 3072x768 matrix at 90% sparsity
-  this holds ~1.7 slots per nonzero (~8.6 bytes per nonzero with the 1-byte columns) and runs
-  ~2.6x faster than the gathering CSR kernel.
+  others padded with value 0 and column 63). The kernel then needs no gather: the 16 columns of a
+  vector index the window of ``x`` held in four registers (AVX-512 ``vpermt2ps``): its 63 values
+  and a zero, which the padding reads, so a NaN or Inf in ``x`` never meets a padded 0. The 16
+  sums are the 16 lanes of one accumulator, with no horizontal sums. On a 3072x768 matrix at 90%
+  sparsity this holds ~1.7 slots per nonzero (~8.6 bytes per nonzero with the 1-byte columns)
+  and runs ~2.6x faster than the gathering CSR kernel.
 
 A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
 ``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
@@ -36,14 +37,15 @@ __all__ = ["pack", "PackedCSR", "SlicedMatvec", "sell_spmv_p"]
 
 _MAX_K16 = 1 << 16
 SLICE = 16  # rows per slice (lanes of an AVX-512 float32 vector)
-WINDOW = 64  # columns per window (four AVX-512 registers of x)
+WINDOW = 63  # columns per window (four AVX-512 registers of x hold them and a zero)
+PAD = 63  # the column padding lanes read: the zero after the window
 
 
 class SlicedMatvec(NamedTuple):
     """The sliced matrix-vector layout of a float32 matrix (see the module docstring)."""
 
     values: jax.Array        # float32 [slots * 16]
-    columns: jax.Array       # uint8 [slots * 16], column within the window
+    columns: jax.Array       # uint8 [slots * 16], column within the window (63: padding)
     group_window: jax.Array  # int32 [groups]
     group_ptr: jax.Array     # int32 [groups + 1], first slot of each group
     slice_ptr: jax.Array     # int32 [ceil(M / 16) + 1], first group of each slice
@@ -133,7 +135,7 @@ def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
     group_ptr = np.r_[0, np.cumsum(counts)]
     slot_pos = (group_ptr[group_of] + rank) * SLICE + lane[order]
     values = np.zeros(group_ptr[-1] * SLICE, np.float32)
-    columns = np.zeros(group_ptr[-1] * SLICE, np.uint8)
+    columns = np.full(group_ptr[-1] * SLICE, PAD, np.uint8)
     values[slot_pos] = data[order]
     columns[slot_pos] = cols[order] % WINDOW
     slice_ptr = np.searchsorted(keys // windows, np.arange(slices + 1))

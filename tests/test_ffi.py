@@ -368,9 +368,9 @@ def test_malformed_packed_indices_in_jit():
         jax.block_until_ready(f(jnp.array([0, 1, 9], jnp.uint16)))
 
 
-# Shapes around the slice (16 rows) and window (64 columns) edges: partial last slice and window,
-# a single window narrower than 64, several windows.
-_SLICED_SHAPES = [(40, 300), (16, 64), (5, 7), (33, 130), (70, 64)]
+# Shapes around the slice (16 rows) and window (63 columns) edges: partial last slice and window,
+# a single window narrower than 63, one exactly 63 wide, several windows.
+_SLICED_SHAPES = [(40, 300), (16, 64), (5, 7), (33, 126), (70, 63)]
 
 
 @pytest.mark.parametrize("shape", _SLICED_SHAPES, ids=str)
@@ -421,6 +421,20 @@ def test_pack_sliced_matvec_transforms(rng):
     assert_close(p.with_values(p.data * 2) @ x, 2 * a64 @ x.astype(np.float64), jnp.float32)
 
 
+def test_pack_sliced_matvec_nan_in_x():
+    """Padding lanes never multiply x: a NaN or Inf in a column a row does not store leaves that
+    row finite (row 0 has one entry in the window, row 1 two, so row 0 has a padded slot)."""
+    a = jaxsparse.pack(jaxsparse.CSR.fromdense(np.array([[0, 0, 0, 0, 0, 2.0, 0],
+                                                        [3.0, 0, 0, 4.0, 0, 0, 0]], np.float32)))
+    for bad in (np.nan, np.inf):
+        x = np.arange(7, dtype=np.float32)
+        x[[0, 6]] = bad
+        for name in ISAS:
+            with isa(name):
+                y = np.asarray(jax.jit(lambda a, x: a @ x)(a, x))
+                assert y[0] == 10.0 and not np.isfinite(y[1])
+
+
 def test_pack_without_sliced_layout(rng):
     a, a64 = _skewed(rng, (20, 40), "csr", jnp.float32)
     x = rng.standard_normal(40).astype(np.float32)
@@ -451,12 +465,12 @@ def _layout(columns, window, group_ptr, slice_ptr):
 
 @pytest.mark.parametrize("name", ISAS)
 def test_malformed_sliced_layout_in_jit(name):
-    m, k = 20, 100  # two slices, two windows (the second 36 wide)
-    ok = _layout(np.arange(48) % 36, [0, 1, 1], [0, 1, 2, 3], [0, 1, 3])
+    m, k = 20, 100  # two slices, two windows (the second 37 wide)
+    ok = _layout(np.r_[np.arange(47) % 37, 63], [0, 1, 1], [0, 1, 2, 3], [0, 1, 3])
     bad = {
         r"group 1 \(window 2\) reaches past K=100": _layout(np.zeros(48), [0, 2, 1], [0, 1, 2, 3],
                                                              [0, 1, 3]),
-        r"group 2 \(window 1\) reaches past K=100": _layout(np.r_[np.zeros(47), 36], [0, 1, 1],
+        r"group 2 \(window 1\) reaches past K=100": _layout(np.r_[np.zeros(47), 37], [0, 1, 1],
                                                              [0, 1, 2, 3], [0, 1, 3]),
         r"group 0 \(window 0\) reaches past K=100": _layout(np.r_[64, np.zeros(47)], [0, 1, 1],
                                                              [0, 1, 2, 3], [0, 1, 3]),
@@ -468,7 +482,8 @@ def test_malformed_sliced_layout_in_jit(name):
             np.zeros(48), [0, 1, 1], [0, 1, 2, 3], [0, 3]),
     }
     with isa(name):
-        # x = 1 and values 1: rows 0-15 have one slot (group 0), rows 16-19 two (groups 1, 2).
+        # x = 1 and values 1: rows 0-15 have one slot (group 0), rows 16-19 two (groups 1, 2);
+        # the last lane of group 2 (row 31, past M) is the padding column, which reads 0.
         assert_close(_sliced_call(ok, m, k), np.r_[np.ones(16), 2 * np.ones(4)], jnp.float32)
         for message, arrays in bad.items():
             with pytest.raises(Exception, match=message):
