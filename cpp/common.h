@@ -14,6 +14,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "isa.h"
 #include "xla/ffi/api/ffi.h"
@@ -272,6 +273,25 @@ inline int64_t BalanceRows(const int32_t* indptr, int64_t rows, int64_t max_part
   }
   part_begin[n] = rows;
   return n;
+}
+
+// The partition of rows into at most parts_per_thread * threads parts of roughly equal work (by
+// BalanceRows over indptr, or by row count when indptr is null), each starting at a multiple of
+// `align` rows: part q is [begin[q], begin[q + 1]).
+inline std::vector<int64_t> Partition(const int32_t* indptr, int64_t rows, int64_t threads,
+                                      int64_t align, int64_t parts_per_thread) {
+  const int64_t max_parts = threads <= 1 ? 1 : parts_per_thread * threads;
+  std::vector<int64_t> begin(max_parts + 1);
+  int64_t parts;
+  if (indptr != nullptr) {
+    parts = BalanceRows(indptr, rows, max_parts, begin.data(), align);
+  } else {
+    const int64_t units = (rows + align - 1) / align;
+    parts = std::max<int64_t>(1, std::min(max_parts, units));
+    for (int64_t q = 0; q <= parts; ++q) begin[q] = std::min(rows, units * q / parts * align);
+  }
+  begin.resize(parts + 1);
+  return begin;
 }
 
 }  // namespace jaxsparse

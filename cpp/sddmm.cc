@@ -76,9 +76,8 @@ int64_t Run(ffi::ThreadPool& pool, SddmmProblem p, ffi::AnyBuffer& lhs, bool lhs
   p.k = l.k;
   const IsaKernels& kern = SelectKernels(p.dt);
   const int64_t threads = NumThreads(pool);
-  const int64_t max_parts = threads <= 1 ? 1 : 8 * threads;
-  std::vector<int64_t> part_begin(max_parts + 1);
-  const int64_t parts = BalanceRows(indptr, rows, max_parts, part_begin.data());
+  const std::vector<int64_t> part_begin = Partition(indptr, rows, threads, 1, 8);
+  const int64_t parts = static_cast<int64_t>(part_begin.size()) - 1;
   FirstBad first_bad;
   ParallelFor(pool, parts, [&](int64_t q) {
     const int64_t r0 = part_begin[q], r1 = part_begin[q + 1];

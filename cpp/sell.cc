@@ -15,6 +15,15 @@ namespace {
 
 constexpr const char* kWhat = "sell_spmv";
 
+// Whether every column of group g's slots is below `width` or the padding column.
+bool ColumnsFit(const SellProblem& p, int64_t g, int64_t width) {
+  for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
+       q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
+    if (p.columns[q] >= width && p.columns[q] != kSellPad) return false;
+  }
+  return true;
+}
+
 // The first group of [g0, g1) with a window past x, or in the last window (when it is narrower
 // than 63 columns) with a column past K that is not the padding column; -1 if none. Run before the
 // kernel reads x through the windows; the kernel itself reports columns of 64 or more (which it
@@ -25,22 +34,14 @@ int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t w = p.group_window[g];
     if (w < 0 || w >= windows) return g;
-    if (w == windows - 1 && last_width < kSellWindow) {
-      for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
-           q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-        if (p.columns[q] >= last_width && p.columns[q] != kSellPad) return g;
-      }
-    }
+    if (w == windows - 1 && last_width < kSellWindow && !ColumnsFit(p, g, last_width)) return g;
   }
   return -1;
 }
 
 int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
-    for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
-         q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-      if (p.columns[q] >= kSellStride) return g;
-    }
+    if (!ColumnsFit(p, g, kSellStride)) return g;
   }
   return -1;
 }
@@ -91,13 +92,11 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
 
   SellProblem p{values.typed_data(), columns.typed_data(), group_window.typed_data(),
                 group_ptr.typed_data(), slice_ptr.typed_data(), xp, y->typed_data(), m};
-  // Parts of equal work: slots per slice, as an offsets array for BalanceRows.
+  // Parts of equal work: slots per slice, as an offsets array for Partition.
   std::vector<int32_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = p.group_ptr[p.slice_ptr[s]];
-  const int64_t threads = NumThreads(pool);
-  std::vector<int64_t> parts(8 * threads + 1);
-  const int64_t n_parts =
-      BalanceRows(work.data(), slices, threads <= 1 ? 1 : 8 * threads, parts.data());
+  const std::vector<int64_t> parts = Partition(work.data(), slices, NumThreads(pool), 1, 8);
+  const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
   const IsaKernels& kern = SelectKernels(kF32);
   FirstBad first_bad;
   ParallelFor(pool, n_parts, [&](int64_t q) {

@@ -48,24 +48,6 @@ ffi::Error CheckDense(const char* what, ffi::AnyBuffer& b, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
-// The partition of kernel rows into at most parts_per_thread * threads parts of roughly equal
-// work, each starting at a multiple of `align` rows.
-std::vector<int64_t> Partition(const int32_t* indptr, int64_t rows, int64_t threads,
-                               int64_t align, int64_t parts_per_thread) {
-  const int64_t max_parts = threads <= 1 ? 1 : parts_per_thread * threads;
-  std::vector<int64_t> begin(max_parts + 1);
-  int64_t parts;
-  if (indptr != nullptr) {
-    parts = BalanceRows(indptr, rows, max_parts, begin.data(), align);
-  } else {
-    const int64_t units = (rows + align - 1) / align;
-    parts = std::max<int64_t>(1, std::min(max_parts, units));
-    for (int64_t q = 0; q <= parts; ++q) begin[q] = std::min(rows, units * q / parts * align);
-  }
-  begin.resize(parts + 1);
-  return begin;
-}
-
 // p restricted to kernel rows [r0, ...), renumbered from 0.
 SpmmProblem Shift(const SpmmProblem& p, int64_t r0) {
   SpmmProblem q = p;
