@@ -90,8 +90,8 @@ def pack(a: SparseMatrix, *, matvec: bool = True) -> SparseMatrix:
       and are returned as is, as is a :class:`PackedCSR`.
 
     The packed matrix gives the same products as ``a`` on every backend, under ``jit`` and
-    ``vmap``; gradients flow to its CSR values (``data``), not to the sliced copy, through the
-    reference SDDMM (the native SDDMM kernel takes int32 indices).
+    ``vmap``; gradients flow to its CSR values (``data``), not to the sliced copy (the native
+    SDDMM widens the 16-bit indices inside the call).
 
     >>> w = jaxsparse.CSR.fromdense(jnp.eye(3))
     >>> jaxsparse.pack(w).indices.dtype

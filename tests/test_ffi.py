@@ -338,10 +338,18 @@ def test_pack_matches_unpacked_on_every_path(rng):
     x = rng.standard_normal((300, 4)).astype(np.float32)
     ref = jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference"))(p, x)
     assert_close(ref, a64 @ x, jnp.float32)
-    # Gradients with respect to the values (reference SDDMM on the packed pattern).
-    g = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(p.with_values(v), x)))(p.data)
-    g_ref = jax.grad(lambda v: jnp.sum(jaxsparse.matmul(a.with_values(v), x)))(a.data)
-    assert_close(g, np.asarray(g_ref, np.float64), jnp.float32)
+    # Gradients with respect to the values: the native SDDMM on the packed (16-bit) pattern,
+    # d sum(A x) / d A[i, k] = sum(x[k, :]).
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(jaxsparse.matmul(p.with_values(v), x))))
+    assert "jaxsparse_csr_sddmm" in grad.lower(p.data).as_text()
+    cols = np.asarray(p.indices).astype(np.int64)
+    assert_close(grad(p.data), x.astype(np.float64).sum(axis=1)[cols], jnp.float32)
+    lhs, rhs = rng.standard_normal((40, 8)), rng.standard_normal((8, 300))
+    mask = a64 != 0
+    for name in ISAS:
+        with isa(name):
+            out = jaxsparse.sddmm(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), p)
+        assert_close(out.todense(), np.where(mask, lhs @ rhs, 0), jnp.float32)
 
 
 def test_pack_leaves_other_formats_and_large_k():
@@ -367,6 +375,15 @@ def test_malformed_packed_indices_in_jit():
 
     with pytest.raises(Exception, match=r"csr_spmm: indices\[2\]=9 is out of range \[0, 6\)"):
         jax.block_until_ready(f(jnp.array([0, 1, 9], jnp.uint16)))
+
+    @jax.jit
+    def g(indices):  # the SDDMM widens 16-bit indices and validates them as any others
+        p = jaxsparse.PackedCSR.tree_unflatten(((2, 6), False), (
+            jnp.ones(3, jnp.float32), indices, jnp.array([0, 2, 3], jnp.int32)))
+        return jaxsparse.sddmm(jnp.ones((2, 4)), jnp.ones((4, 6)), p, backend="ffi").values
+
+    with pytest.raises(Exception, match=r"csr_sddmm: indices\[2\]=65535 is out of range"):
+        jax.block_until_ready(g(jnp.array([0, 1, 65535], jnp.uint16)))
 
 
 # Shapes around the slice (16 rows) and window (63 columns) edges: partial last slice and window,

@@ -116,11 +116,13 @@ def _sell_native(data, indices, indptr, *rest, shape, layout, **_):
 def _sddmm_native(lhs, rhs, *pattern, fmt, block, transpose_lhs, transpose_rhs, **_):
     # The kernel takes lhs as [M, K] or [K, M] (lhs_km) and rhs as [N, K] or [K, N] (rhs_kn) and
     # transposes what it must itself.
-    indices, _indptr = pattern
+    # 16-bit indices (jaxsparse.pack) are widened: one pass over nnz, small next to the dots.
+    indices, indptr = pattern
     out_shape = indices.shape if fmt == "csr" else (indices.shape[0], *block)
     out_type = jax.ShapeDtypeStruct(out_shape, lhs.dtype)
     return jax.ffi.ffi_call(f"jaxsparse_{fmt}_sddmm", out_type)(
-        lhs, rhs, *pattern, lhs_km=np.bool_(transpose_lhs), rhs_kn=np.bool_(not transpose_rhs))
+        lhs, rhs, indices.astype(jnp.int32), indptr, lhs_km=np.bool_(transpose_lhs),
+        rhs_kn=np.bool_(not transpose_rhs))
 
 
 def _spmm_kernel(avals, params):
@@ -137,8 +139,6 @@ def _spmm_kernel(avals, params):
 def _sddmm_kernel(avals, params):
     if params["fmt"] not in ("csr", "bsr"):
         return None, f"no native {params['fmt']} SDDMM kernel"
-    if avals[2].dtype != np.int32:
-        return None, f"no native SDDMM kernel for {avals[2].dtype} (packed) indices"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SDDMM kernel for {avals[0].dtype}"
     return _sddmm_native, None
