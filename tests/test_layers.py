@@ -49,6 +49,8 @@ def test_matches_dense_masked(rng, fmt, method, opts, dtype):
     assert mask.shape == (16, 12)
     if method != "n:m":
         assert abs(layer.sparsity - 0.5) < 0.01 and abs(1 - mask.mean() - 0.5) < 0.01
+    if fmt == "csr":  # the fixed pattern is stored with 16-bit column indices (jaxsparse.pack)
+        assert layer.indices[...].dtype == np.uint16
     for shape in [(16,), (2, 3, 16)]:
         x = jnp.asarray(rng.standard_normal(shape), dtype)
         y = CALL(layer, x)

@@ -12,6 +12,7 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxsparse import prune as _prune
 from jaxsparse._formats import BSR, CSR, INDEX_DTYPE, NM, POSITION_DTYPE, SparseMatrix
+from jaxsparse._pack import pack
 from jaxsparse._spmm import matmul
 
 __all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS"]
@@ -135,7 +136,8 @@ class SparseLinear(nnx.Module):
       (``method="n:m"``).
 
     The kept values are an ``nnx.Param`` (``self.data``: gradients reach them, the pattern stays
-    fixed); the index arrays are :class:`SparsityPattern` variables. The product is one
+    fixed); the index arrays are :class:`SparsityPattern` variables (CSR column indices in 16 bits
+    when ``in_features <= 65536``, as :func:`jaxsparse.pack` stores them). The product is one
     :func:`jaxsparse.matmul` of the folded input ``[prod(batch), in]`` with ``W.T`` (SpMM layout
     ``"nk"``, no transposed copy of ``W``).
 
@@ -175,6 +177,8 @@ class SparseLinear(nnx.Module):
         if _weight.shape != (self.out_features, self.in_features) or _weight.transposed:
             raise ValueError(f"SparseLinear: weight must be stored [out_features, in_features]="
                              f"{(self.out_features, self.in_features)}, got {_weight.shape}")
+        if _weight.fmt == "csr":  # a fixed pattern: 16-bit column indices when in_features allows
+            _weight = pack(_weight, matvec=False)
         self.format = _weight.fmt
         self.block_size = tuple(_weight.block_size) if _weight.fmt == "bsr" else None
         self.n_m = (_weight.n, _weight.m) if _weight.fmt == "nm" else None
