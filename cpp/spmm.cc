@@ -1,13 +1,14 @@
 // SpMM: A @ B ("kn": B [K, N], out [M, N]) and B @ A.T ("nk", the linear-layer layout: B [N, K],
 // out [N, M]) for A in CSR, BSR or N:M, stored [M, K] and never transposed.
 //
-// kn: rows of A are split into load-balanced parts (by stored entries, so long and empty rows
-// even out) that the pool threads claim dynamically; each part writes its rows of out directly.
-// nk: B is transposed once per call into a [K, N] panel shared by all threads (the activations,
-// N x K, are small next to the work), then each part computes blocks of 16 rows (64 for a
-// K-blocked product) of A @ panel, 128 columns at a time, into a thread-local buffer that is
-// transposed into out[:, rows] while still in cache. N = 1 (a matrix-vector product; both
-// layouts are the same memory) takes a gather-based SpMV.
+// Rows of A are split into load-balanced parts (by stored entries, so long and empty rows even
+// out) and the columns of B into chunks of 128; the pool threads claim (chunk, part) tasks
+// dynamically, chunk by chunk. kn: each task writes its block of out directly. nk: B is
+// transposed once per call into a [K, N] panel shared by all threads (the activations, N x K,
+// are small next to the work), then each task computes blocks of 16 rows (up to 256 for a
+// K-blocked product) of A @ panel into a thread-local buffer that is transposed into
+// out[:, rows] while still in cache. N = 1 (a matrix-vector product; both layouts are the same
+// memory) takes a gather-based SpMV.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -21,6 +22,16 @@ namespace jaxsparse {
 namespace {
 
 constexpr int64_t kTileRows = 16;  // rows of A per nk output block: one 16 x 16 transposed tile
+constexpr int64_t kChunkCols = 128;  // columns of B per task: a [K, 128] slice stays in L2
+
+// A leading dimension of at least `cols` elements that is an odd number of 64-byte lines: rows
+// start on a cache line (vector loads never straddle two) and successive rows walk through all
+// the cache sets (a multiple of 512 bytes, N = 128 or 1024 float32, would use an eighth of them).
+int64_t PaddedLd(int64_t cols, int64_t esz) {
+  int64_t lines = (cols * esz + 63) / 64;
+  if (lines % 2 == 0) ++lines;
+  return lines * 64 / esz;
+}
 
 struct Shape {
   int64_t rows;  // rows of the kernel loop: M, or M / bm block rows for BSR
@@ -74,6 +85,7 @@ int64_t FirstBadEntry(const SpmmProblem& p, int64_t r0, int64_t r1, int64_t limi
 // range; -1 when none is. indptr must be valid. Each part's entries are checked by the thread
 // that computes the part, right before it does: in parallel, and the check brings the indices
 // into cache for the product (the serial check before the call took 30% of a 3072x768 SpMV).
+// Chunk-major products (below) check all parts in a parallel pass of their own first.
 int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, const void* b,
                 void* out, int64_t limit) {
   if (s.m == 0) return -1;
@@ -125,16 +137,18 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
 
   // float16 B is widened to float32 once (see SpmmRowsT; the vector builds have no float16
   // kernels); bfloat16 B stays bfloat16 and is widened in registers.
-  // kn with several 128-column strips and rows of B a multiple of 512 bytes apart: the rows one
-  // strip visits fall into a fraction of the cache sets (at N = 1024 float32, 4 KiB apart, an
-  // eighth of L2), so B is copied first with its rows padded by one cache line, as the nk panel
-  // is (3072x768 at N = 1024: ~17 -> ~10 ms, like nk).
+  // kn copies B first, its rows PaddedLd apart, when they are not a whole number of cache lines
+  // apart (N = 197 tokens: every vector load straddles two lines; 1.2-1.4x faster with the copy,
+  // 768x768 to 3072x768 at 90%, interleaved) or, past one 128-column strip, a multiple of 512
+  // bytes (N = 1024 float32: 4 KiB apart, the rows a strip visits share an eighth of L2; ~17 ->
+  // ~10 ms on 3072x768).
   const bool widen = p.dt == kF16;
   const int panel_dt = widen ? kF32 : p.dt;
   const int64_t panel_esz = DtSize(panel_dt);
-  const bool pad = !nk && s.n > 128 && (s.n * panel_esz) % 512 == 0;
+  const bool pad = !nk && s.n > 16 && ((s.n * panel_esz) % 64 != 0 ||
+                                        (s.n > 128 && (s.n * panel_esz) % 512 == 0));
   const int64_t b_rows = nk ? s.n : s.k, b_cols = nk ? s.k : s.n;
-  const int64_t ldb = pad ? b_cols + 64 / panel_esz : b_cols;
+  const int64_t ldb = pad ? PaddedLd(b_cols, panel_esz) : b_cols;
   Scratch copy_buf(nullptr, std::free);
   if (widen || pad) {
     copy_buf = AlignedScratch(b_rows * ldb * panel_esz);
@@ -159,20 +173,50 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     p.b_f32 = widen;
   }
 
+  // Columns of B are taken kChunkCols at a time. When A is small (its share per thread within
+  // kStripBytes), tasks are (chunk, part) pairs, chunk-major: the threads work through the same
+  // [K, 128] slice of B (or of the nk panel) together, each fetching it into its L2 once per
+  // chunk, where one task per part fetched every slice once per part (8 parts per thread). N =
+  // 1024, 90%, interleaved: 384x384 and 768x768 ~1.2x, 1536x384 ~1.07x faster. A larger A
+  // keeps one task per part, all chunks in turn, so that the part's entries stay in L2 (3072x768:
+  // chunk-major was ~5% slower). Chunk-major parts are validated first, in a pass of their own.
+  const int64_t chunks = (s.n + kChunkCols - 1) / kChunkCols;
+  const int64_t entries = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows] * p.bm * p.bk;
+  const int64_t index_bytes = p.fmt == kNm ? 1 : p.indices16 != nullptr ? 2 : 4;
+  const bool chunk_major = chunks > 1 && entries * (esz + index_bytes) <= threads * kStripBytes;
+  if (chunk_major) {
+    ParallelFor(pool, n_parts, [&](int64_t q) { valid(q); });
+    if (first_bad.Get() >= 0) return first_bad.Get();
+  }
+  // Runs task t: body(q, chunk, n0) for part q and each of its chunks of columns [n0, ...).
+  auto run_task = [&](int64_t t, const char* b_base, const auto& body) {
+    const int64_t q = t % n_parts;
+    if (!chunk_major && !valid(q)) return;
+    const int64_t c0 = chunk_major ? t / n_parts : 0, c1 = chunk_major ? c0 + 1 : chunks;
+    for (int64_t c = c0; c < c1; ++c) {
+      SpmmProblem chunk = p;
+      chunk.b = b_base + c * kChunkCols * panel_esz;
+      chunk.n = std::min(kChunkCols, s.n - c * kChunkCols);
+      body(q, chunk, c * kChunkCols);
+    }
+  };
+  const int64_t tasks = chunk_major ? n_parts * chunks : n_parts;
+
   if (!nk) {
     p.b = b;
     p.ldb = ldb;
-    ParallelFor(pool, n_parts, [&](int64_t q) {
-      if (valid(q)) kern.spmm_rows(p, parts[q], parts[q + 1], out, s.n);
+    ParallelFor(pool, tasks, [&](int64_t t) {
+      run_task(t, static_cast<const char*>(b), [&](int64_t q, const SpmmProblem& chunk, int64_t n0) {
+        kern.spmm_rows(chunk, parts[q], parts[q + 1], static_cast<char*>(out) + n0 * esz, s.n);
+      });
     });
     return first_bad.Get();
   }
 
-  // nk: panel = B.T, [K, N], rows padded by one cache line: with a leading dimension that is a
-  // multiple of 4 KiB (N = 1024 float32, say), the rows a strip visits all map to the same L1
-  // sets and evict each other. Unlike the widening pass, the transpose is split between the
-  // threads from 16K elements on (N = 128 tokens of a 768-wide layer is 96K).
-  const int64_t ldp = s.n + 64 / panel_esz;
+  // nk: panel = B.T, [K, N], rows PaddedLd apart (N = 197 tokens: 1.3-1.45x faster than rows
+  // padded by one line but not aligned). Unlike the widening pass, the transpose is split
+  // between the threads from 16K elements on (N = 128 tokens of a 768-wide layer is 96K).
+  const int64_t ldp = PaddedLd(s.n, panel_esz);
   Scratch panel = AlignedScratch(s.k * ldp * panel_esz);
   constexpr int64_t kPanelRows = 32;
   const int64_t n_chunks = (s.n + kPanelRows - 1) / kPanelRows;
@@ -185,30 +229,23 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   });
   p.b = panel.get();
   p.ldb = ldp;
-  // Each output block (sub * bm rows of A by at most kNkCols columns of the panel: 16 x 128
+  // Each output block (sub * bm rows of A by at most kChunkCols columns of the panel: 16 x 128
   // unless bm > 16, up to 256 x 128 when K-blocked) stays in cache until it is transposed into
-  // out. A part visits the panel's columns kNkCols at a time, so that the [K, 128] slice it
-  // reads stays in L2 when N is large (batch 8 x 128 tokens: a 768 x 1024 panel is 3 MiB). A
-  // large out is written with streaming stores: its rows are M elements apart, often a multiple
-  // of 4 KiB, and a tile's 16 row segments would otherwise compete for the same L1 set; nothing
-  // reads out before the call returns.
-  constexpr int64_t kNkCols = 128;
-  const int64_t ldt = std::min(s.n, kNkCols) + 64 / esz;  // padded like the panel
+  // out. A large out is written with streaming stores: its rows are M elements apart, often a
+  // multiple of 4 KiB, and a tile's 16 row segments would otherwise compete for the same L1 set;
+  // nothing reads out before the call returns.
+  const int64_t ldt = PaddedLd(std::min(s.n, kChunkCols), esz);
   const bool stream = s.m * s.n * esz >= (int64_t{1} << 20);
-  ParallelFor(pool, n_parts, [&](int64_t q) {
-    if (!valid(q)) return;
+  ParallelFor(pool, tasks, [&](int64_t t) {
     Scratch tmp = AlignedScratch(sub * bm * ldt * esz);
-    for (int64_t n0 = 0; n0 < s.n; n0 += kNkCols) {
-      SpmmProblem cols = p;
-      cols.b = panel.get() + n0 * panel_esz;
-      cols.n = std::min(kNkCols, s.n - n0);
+    run_task(t, panel.get(), [&](int64_t q, const SpmmProblem& chunk, int64_t n0) {
       for (int64_t r0 = parts[q]; r0 < parts[q + 1]; r0 += sub) {
         const int64_t cnt = std::min(sub, parts[q + 1] - r0);
-        kern.spmm_rows(Shift(cols, r0), 0, cnt, tmp.get(), ldt);
-        kern.transpose(p.dt, tmp.get(), cnt * bm, cols.n, ldt,
+        kern.spmm_rows(Shift(chunk, r0), 0, cnt, tmp.get(), ldt);
+        kern.transpose(p.dt, tmp.get(), cnt * bm, chunk.n, ldt,
                        static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
       }
-    }
+    });
   });
   return first_bad.Get();
 }

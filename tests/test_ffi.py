@@ -173,13 +173,13 @@ def test_knobs_validate():
 # kernel must refuse them instead of reading out of bounds.
 
 
-def _run_csr(data, indices, indptr, shape, layout):
+def _run_csr(data, indices, indptr, shape, layout, n=3):
     @jax.jit
     def f(data, indices, indptr):
         a = jaxsparse.CSR((data, indices, indptr), shape=shape)
         if layout == "kn":
-            return jaxsparse.matmul(a, jnp.ones((shape[1], 3), jnp.float32), backend="ffi")
-        return jaxsparse.matmul(jnp.ones((3, shape[1]), jnp.float32), a.T, backend="ffi")
+            return jaxsparse.matmul(a, jnp.ones((shape[1], n), jnp.float32), backend="ffi")
+        return jaxsparse.matmul(jnp.ones((n, shape[1]), jnp.float32), a.T, backend="ffi")
 
     return jax.block_until_ready(f(jnp.asarray(data, jnp.float32), jnp.asarray(indices, jnp.int32),
                                    jnp.asarray(indptr, jnp.int32)))
@@ -196,6 +196,20 @@ def _run_csr(data, indices, indptr, shape, layout):
 def test_malformed_csr_in_jit(case, indices, indptr, message, layout):
     with pytest.raises(Exception, match=f"csr_spmm: {message}"):
         _run_csr(np.ones(3), indices, indptr, (2, 6), layout)
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_malformed_csr_several_column_chunks(layout):
+    """N = 300: tasks of 128 columns, whose parts are all checked before any is computed."""
+    rows, cols = 64, 40
+    indptr = np.arange(rows + 1) * 2
+    indices = np.tile([0, 39], rows)
+    indices[2 * 50 + 1] = 40
+    with pytest.raises(Exception, match=r"csr_spmm: indices\[101\]=40 is out of range \[0, 40\)"):
+        _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=300)
+    indices[2 * 50 + 1] = 39
+    out = _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=300)
+    np.testing.assert_array_equal(out, np.full(out.shape, 2.0))
 
 
 def test_malformed_bsr_nm_sddmm_in_jit():
@@ -290,6 +304,24 @@ def test_k_blocked_products(rng):
                    jnp.asarray(s.indptr, jnp.int32), x)
     s32 = s.astype(np.float32).astype(np.float64)
     assert_close(out, s32 @ x.astype(np.float64), jnp.float32)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.8], ids=["small-a", "large-a"])
+def test_column_chunk_orders(rng, density):
+    """Columns in chunks of 128: a small A (~50 KiB) takes (chunk, part) tasks chunk-major, a
+    large one (0.5-1 MiB, past the 1-thread limit) one task per part with all its chunks. N = 300
+    (three chunks), N = 197 (rows of B not a whole number of cache lines: kn copies B, nk pads
+    its panel), CSR int32 and packed, float32 and bfloat16, both layouts, 1 thread and the pool."""
+    s = sp.random(200, 800, density=density, format="csr", random_state=1, dtype=np.float64)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a64 = rounded(s.toarray(), dtype)[1]
+        a = jaxsparse.CSR.fromdense(jnp.asarray(a64).astype(dtype))
+        for mat in (a, jaxsparse.pack(a, matvec=False)):
+            for n in (300, 197):
+                for fn, x, expected in _products(mat, n, rng, dtype):
+                    for threads in (1, 0):
+                        with max_threads(threads):
+                            assert_close(fn(mat, x).astype(jnp.float32), expected, dtype)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
