@@ -199,16 +199,19 @@ def test_malformed_csr_in_jit(case, indices, indptr, message, layout):
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])
-def test_malformed_csr_several_column_chunks(layout):
-    """N = 300: tasks of 128 columns, whose parts are all checked before any is computed."""
+@pytest.mark.parametrize("n", [300, 128])
+def test_malformed_csr_several_column_chunks(layout, n):
+    """N = 300: tasks of 128 columns, whose parts are all checked before any is computed. N = 128
+    in the linear layout on 2+ threads: a small A is computed in slices of the tokens, one per
+    thread, each over every row, so its rows are likewise all checked first."""
     rows, cols = 64, 40
     indptr = np.arange(rows + 1) * 2
     indices = np.tile([0, 39], rows)
     indices[2 * 50 + 1] = 40
     with pytest.raises(Exception, match=r"csr_spmm: indices\[101\]=40 is out of range \[0, 40\)"):
-        _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=300)
+        _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=n)
     indices[2 * 50 + 1] = 39
-    out = _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=300)
+    out = _run_csr(np.ones(2 * rows), indices, indptr, (rows, cols), layout, n=n)
     np.testing.assert_array_equal(out, np.full(out.shape, 2.0))
 
 
