@@ -12,9 +12,9 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from time import perf_counter
 from typing import Any, Callable
 
 import numpy as np
@@ -55,20 +55,20 @@ class Timer:
 
     def __init__(self, fn: Callable, args: tuple, min_sample_s: float = 2e-3):
         self.fn, self.args = fn, args
-        t0 = time.perf_counter()
-        _block(fn(*args))  # compile / warm up
+        _block(fn(*args))  # compile / warm up; the batch is sized on a later call
+        t0 = perf_counter()
         _block(fn(*args))
-        once = max(time.perf_counter() - t0, 1e-7) / 2
+        once = max(perf_counter() - t0, 1e-7)
         self.inner = max(1, min(1000, int(min_sample_s / once)))
 
     def sample(self) -> float:
         """Seconds per call, averaged over one batch."""
-        t0 = time.perf_counter()
+        t0 = perf_counter()
         out = None
         for _ in range(self.inner):
             out = self.fn(*self.args)
         _block(out)
-        return (time.perf_counter() - t0) / self.inner
+        return (perf_counter() - t0) / self.inner
 
 
 def time_interleaved(methods: dict[str, tuple[Callable, tuple]], reps: int = 15) -> dict[str, float]:
