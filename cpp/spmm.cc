@@ -7,9 +7,9 @@
 // transposed once per call into a [K, N] panel shared by all threads (the activations, N x K,
 // are small next to the work), then each task computes blocks of 16 rows (up to 256 for a
 // K-blocked product) of A @ panel into a thread-local buffer that is transposed into
-// out[:, rows] while still in cache; a small A is instead computed in slices of the tokens, each
-// task transposing its own slice of B into a panel of its own. N = 1 (a matrix-vector product; both layouts are the same
-// memory) takes a gather-based SpMV.
+// out[:, rows] while still in cache; with 48 tokens or more per thread, tasks are instead slices
+// of the tokens through all of A, each transposing its own slice of B into a panel of its own.
+// N = 1 (a matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -222,16 +222,17 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   const IsaKernels& tkern = SelectKernels(panel_dt);
   const int64_t ldt = PaddedLd(std::min(s.n, kChunkCols), esz);
   const bool stream = s.m * s.n * esz >= (int64_t{1} << 20);
-  // nk with a small A (as chunk_major) and at least 48 tokens per thread: each task takes a slice
-  // of the tokens (N / threads, in multiples of 16, at most kChunkCols) through every row of A,
-  // transposing its own slice of B into its own panel. The panel then stays in the L2 of the
-  // core that wrote it and reads it, where the shared panel below is written by all threads and
-  // read by all (half of its lines come from the other core's cache). MiniLM-sized layers
-  // (384 / 1536 wide, 90%) at N = 1024, interleaved in one process: ~1.45x faster; N = 128:
-  // within noise to ~5% faster.
+  // nk with at least 48 tokens per thread: each task takes a slice of the tokens (N / threads, in
+  // multiples of 16, at most kChunkCols) through every row of A, transposing its own slice of B
+  // into its own panel. The panel then stays in the L2 of the core that wrote it and reads it,
+  // where the shared panel below is written by all threads and read by all (half of its lines
+  // come from the other core's cache). Every task reads all of A: 6 bytes per entry against the
+  // 4 lines of B the entry's strip loads. Interleaved in one process (90%): MiniLM-sized layers
+  // (384 / 1536 wide) at N = 1024 ~1.45x faster, at N = 128 within noise to ~5%; 3072x768 at
+  // N = 128 and 1024 ~1.25x; 768x3072 (K-blocked), BSR 16x16, bfloat16 and N = 197 within noise.
   const int64_t per_thread = ((s.n + threads - 1) / threads + 15) / 16 * 16;
   const int64_t slice = std::min(kChunkCols, per_thread);
-  if (threads > 1 && slice >= 48 && entries * (esz + index_bytes) <= threads * kStripBytes) {
+  if (threads > 1 && slice >= 48) {
     if (!chunk_major) {
       ParallelFor(pool, n_parts, [&](int64_t q) { valid(q); });
       if (first_bad.Get() >= 0) return first_bad.Get();
