@@ -226,10 +226,11 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   // multiples of 16, at most kChunkCols) through every row of A, transposing its own slice of B
   // into its own panel. The panel then stays in the L2 of the core that wrote it and reads it,
   // where the shared panel below is written by all threads and read by all (half of its lines
-  // come from the other core's cache). Every task reads all of A: 6 bytes per entry against the
-  // 4 lines of B the entry's strip loads. Interleaved in one process (90%): MiniLM-sized layers
-  // (384 / 1536 wide) at N = 1024 ~1.45x faster, at N = 128 within noise to ~5%; 3072x768 at
-  // N = 128 and 1024 ~1.25x; 768x3072 (K-blocked), BSR 16x16, bfloat16 and N = 197 within noise.
+  // come from the other core's cache). Every task reads all of A, but that is 6 bytes per entry
+  // (packed CSR) against the 256 bytes of B a strip of 64 columns loads for it. Interleaved in
+  // one process (90%): MiniLM-sized layers (384 / 1536 wide) at N = 1024 ~1.45x faster, at
+  // N = 128 within noise to ~5%; 3072x768 at N = 128 and 1024 ~1.25x; 768x3072 (K-blocked), BSR
+  // 16x16, bfloat16 and N = 197 within noise.
   const int64_t per_thread = ((s.n + threads - 1) / threads + 15) / 16 * 16;
   const int64_t slice = std::min(kChunkCols, per_thread);
   if (threads > 1 && slice >= 48) {
@@ -259,9 +260,9 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     return first_bad.Get();
   }
 
-  // Otherwise one panel = B.T, [K, N], rows PaddedLd apart (N = 197 tokens: 1.3-1.45x faster than rows
-  // padded by one line but not aligned). Unlike the widening pass, the transpose is split
-  // between the threads from 16K elements on (N = 128 tokens of a 768-wide layer is 96K).
+  // Otherwise one panel = B.T, [K, N], rows PaddedLd apart (N = 197 tokens: 1.3-1.45x faster
+  // than rows padded by one line but not aligned). Unlike the widening pass, the transpose is
+  // split between the threads from 16K elements on (N = 128 tokens of a 768-wide layer is 96K).
   const int64_t ldp = PaddedLd(s.n, panel_esz);
   Scratch panel = AlignedScratch(s.k * ldp * panel_esz);
   constexpr int64_t kPanelRows = 32;
