@@ -251,18 +251,20 @@ def golden_similarities(model: Bert, tokenizer: Tokenizer) -> np.ndarray:
     return emb @ emb.T
 
 
-def measure_throughput(model: Bert, batch_size: int, seq_len: int, *, warmup: int = 2,
-                       repeats: int = 10, seed: int = 0) -> float:
-    """Sentences per second of the jit-compiled :meth:`Bert.embed`.
-
-    Inputs are random token ids of length ``seq_len`` with no padding; the
-    result is ``batch_size`` divided by the median time of ``repeats`` calls.
-    """
+def throughput_call(model: Bert, batch_size: int, seq_len: int, *, seed: int = 0):
+    """``(fn, args)``: the jit-compiled :meth:`Bert.embed` on random token ids of length
+    ``seq_len`` with no padding."""
     rng = np.random.default_rng(seed)
     # Skip the low ids, which hold [PAD], [CLS], [SEP] and unused tokens.
     input_ids = jnp.asarray(rng.integers(1000, model.config.vocab_size,
                                          size=(batch_size, seq_len), dtype=np.int32))
     attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
-    seconds = median_seconds(jit_method(model, "embed"), input_ids, attention_mask,
-                             warmup=warmup, repeats=repeats)
-    return batch_size / seconds
+    return jit_method(model, "embed"), (input_ids, attention_mask)
+
+
+def measure_throughput(model: Bert, batch_size: int, seq_len: int, *, warmup: int = 2,
+                       repeats: int = 10, seed: int = 0) -> float:
+    """Sentences per second of :func:`throughput_call`: ``batch_size`` over the median time of
+    ``repeats`` calls."""
+    fn, args = throughput_call(model, batch_size, seq_len, seed=seed)
+    return batch_size / median_seconds(fn, *args, warmup=warmup, repeats=repeats)

@@ -90,6 +90,20 @@ def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2,
     return statistics.median(times)
 
 
+def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
+                      sparse_call: tuple[Callable, tuple], repeats: int) -> tuple[float, float]:
+    """Items per second of the dense and the sparse model, timed alternately in one run.
+
+    ``*_call`` are ``(jitted fn, args)``. Calls of the two alternate (order rotating) and each
+    throughput is ``batch`` over the median of ``repeats`` samples, so that the drifts of a shared
+    machine hit both alike and their ratio is from the same moments.
+    """
+    from jaxsparse.bench import time_interleaved
+
+    ms = time_interleaved({"dense": dense_call, "sparse": sparse_call}, reps=repeats)
+    return batch / (ms["dense"] * 1e-3), batch / (ms["sparse"] * 1e-3)
+
+
 def jit_method(model: nnx.Module, method: str) -> Callable[..., jax.Array]:
     """Jit-compiled ``getattr(model, method)`` as a plain function of arrays.
 

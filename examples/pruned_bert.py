@@ -35,9 +35,11 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxsparse
+from jaxsparse.bench import time_interleaved
 from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, MINILM_L6, Bert, BertConfig,
                   encode, golden_similarities, load_bert, load_tokenizer, measure_throughput,
-                  tokenize)
+                  throughput_call, tokenize)
+from model_utils import paired_throughput
 from results_io import (fmt, format_table, machine_info, machine_markdown, markdown_table,
                         write_figure, write_json, write_text)
 from sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
@@ -107,6 +109,7 @@ def quality_and_speed(dense, tokenizer, configs, *, batches=BATCHES, seq_len=SEQ
     for b in batches:
         bar(f"dense speed, batch {b}")
         dense_speed[b] = speed(dense, b, seq_len, repeats)
+    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
     out = {"dense": {"golden": golden_similarities(dense, tokenizer).tolist(),
                      "sentences_per_s": {str(b): v for b, v in dense_speed.items()}},
            "rows": []}
@@ -126,21 +129,25 @@ def quality_and_speed(dense, tokenizer, configs, *, batches=BATCHES, seq_len=SEQ
                                             np.linalg.norm(emb, axis=-1)))),
                    golden=golden_similarities(pruned, tokenizer).tolist(),
                    sentences_per_s={}, speedup={})
-        _measure_speed(row, pruned, dense_speed, f"{method} {sparsity:.0%}", bar, seq_len,
+        _measure_speed(row, pruned, dense_calls, f"{method} {sparsity:.0%}", bar, seq_len,
                        repeats)
         out["rows"].append(row)
         del pruned
     return out
 
 
-def _measure_speed(row: dict, model, dense_speed: dict, label: str, bar, seq_len: int,
+def _measure_speed(row: dict, model, dense_calls: dict, label: str, bar, seq_len: int,
                    repeats: int) -> None:
-    """Fill ``row``'s sentences/s and speedup over dense for every batch size of ``dense_speed``."""
-    for b, dense_s in dense_speed.items():
-        bar(f"{label}: speed, batch {b}")
-        s = speed(model, b, seq_len, repeats)
+    """Fill ``row``'s sentences/s and speedup over dense for every batch size of ``dense_calls``
+    (``batch -> throughput_call`` of the dense model): the two are timed alternately in one run,
+    and the dense throughput of that run goes to ``dense_sentences_per_s``."""
+    row["dense_sentences_per_s"] = {}
+    for b, dense_call in dense_calls.items():
+        bar(f"{label}: speed, batch {b} (alternating with dense)")
+        d, s = paired_throughput(b, dense_call, throughput_call(model, b, seq_len), repeats)
         row["sentences_per_s"][str(b)] = s
-        row["speedup"][str(b)] = s / dense_s
+        row["dense_sentences_per_s"][str(b)] = d
+        row["speedup"][str(b)] = s / d
 
 
 def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_LEN, repeats=5,
@@ -154,6 +161,7 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
     for b in batches:
         bar(f"BERT-base dense speed, batch {b}")
         dense_speed[b] = speed(dense, b, seq_len, repeats)
+    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
     out = {"config": dict(vars(config)) if not hasattr(config, "__dataclass_fields__")
            else {k: getattr(config, k) for k in config.__dataclass_fields__},
            "dense": {"sentences_per_s": {str(b): v for b, v in dense_speed.items()}}, "rows": []}
@@ -165,7 +173,7 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
         row = dict(sparsity=sparsity, method=method, format=format, layers=len(report),
                    block_size=list(block_size) if block_size else None,
                    measured_sparsity=report.total_sparsity, sentences_per_s={}, speedup={})
-        _measure_speed(row, pruned, dense_speed, f"BERT-base {sparsity:.0%} {method}", bar,
+        _measure_speed(row, pruned, dense_calls, f"BERT-base {sparsity:.0%} {method}", bar,
                        seq_len, repeats)
         out["rows"].append(row)
         del pruned
@@ -175,16 +183,18 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
 def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsity: float = 0.9,
                  repeats: int = 5, seed: int = 0) -> dict:
     """Where the time goes: jit-compiled time of the encoder's linear layers alone (one layer's six
-    projections x num_layers), dense and sparse, next to the whole forward pass."""
+    projections x num_layers), dense and sparse, and of a whole dense model of ``config`` (random
+    weights), all three timed alternately in one run."""
     d, f, n = config.hidden_size, config.intermediate_size, batch * seq_len
     rngs = nnx.Rngs(seed)
     shapes = [(d, d)] * 4 + [(d, f), (f, d)]
     dense_layers = [nnx.Linear(i, o, rngs=rngs) for i, o in shapes]
     sparse_layers = [jaxsparse.layers.SparseLinear.from_dense(l, sparsity=sparsity)
                      for l in dense_layers]
-    from model_utils import median_seconds
+    x = jax.random.normal(jax.random.key(1), (n, d), jnp.float32)
+    h = jax.random.normal(jax.random.key(2), (n, f), jnp.float32)
 
-    def timed(layers):
+    def call(layers):
         graphdef, state = nnx.split(nnx.List(layers))
 
         @jax.jit
@@ -193,16 +203,19 @@ def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsit
             outs = [ls[i](x) for i in range(4)] + [ls[4](x), ls[5](h)]
             return sum(jnp.sum(o) for o in outs)
 
-        x = jax.random.normal(jax.random.key(1), (n, d))
-        h = jax.random.normal(jax.random.key(2), (n, f))
-        return config.num_layers * median_seconds(lambda *a: run(state, *a), x, h, repeats=repeats)
+        return (lambda *a: run(state, *a)), (x, h)
 
+    ms = time_interleaved({"dense": call(dense_layers), "sparse": call(sparse_layers),
+                           "model": throughput_call(Bert(config, rngs=rngs), batch, seq_len)},
+                          reps=repeats)
     return {"batch": batch, "seq_len": seq_len, "sparsity": sparsity,
-            "dense_linear_s": timed(dense_layers), "sparse_linear_s": timed(sparse_layers)}
+            "dense_linear_s": config.num_layers * ms["dense"] * 1e-3,
+            "sparse_linear_s": config.num_layers * ms["sparse"] * 1e-3,
+            "dense_model_s": ms["model"] * 1e-3}
 
 
 def linear_shares(results: dict, batches=BATCHES, progress=None) -> list[dict]:
-    """:func:`linear_share` at 90% for both models next to their measured whole-model time."""
+    """:func:`linear_share` at 90% for both models that were measured."""
     bar = progress or (lambda *a, **k: None)
     shares = []
     for name, key, config in (("all-MiniLM-L6-v2", "minilm", MINILM_L6),
@@ -214,7 +227,6 @@ def linear_shares(results: dict, batches=BATCHES, progress=None) -> list[dict]:
             s = linear_share(config, bs)
             s["model"] = name
             s["layers"] = 6 * config.num_layers
-            s["dense_model_s"] = bs / results[key]["dense"]["sentences_per_s"][str(bs)]
             shares.append(s)
     return shares
 
@@ -276,15 +288,17 @@ def to_markdown(results: dict) -> str:
                   f"dense vs pruned embedding over {m['eval_sentences']} sentences; golden: "
                   "pairwise cosines of the 3 golden sentences (published 0.666 / 0.105 / 0.141). "
                   f"Throughput: jit, batch x {results['seq_len']} tokens, median of "
-                  f"{m['repeats']} calls.", "",
+                  f"{m['repeats']} calls; each pruned model is timed alternately with the dense "
+                  "one and its speedup is the ratio of that run (the dense row is its own "
+                  "run).", "",
                   markdown_table(*minilm_rows(m, batches)), ""]
     if results.get("bert_base"):
         b = results["bert_base"]
         parts += ["## BERT-base-size encoder (random weights, speed only)", "",
                   "12 layers, hidden 768, FFN 3072, 12 heads; all 72 encoder linear layers "
                   f"pruned (magnitude: CSR; block: BSR); seq {results['seq_len']}; median of "
-                  f"{b['repeats']} "
-                  "calls.", "", markdown_table(*base_rows(b, batches)), ""]
+                  f"{b['repeats']} calls, each pruned model alternating with the dense one "
+                  "(speedup from that run).", "", markdown_table(*base_rows(b, batches)), ""]
     if results.get("linear_share"):
         parts += ["## Where the time goes (linear layers alone, jit)", "",
                   markdown_table(["model", "batch", "sparsity", "dense linears (s)",
@@ -375,7 +389,8 @@ def target_notes(results: dict) -> list[str]:
                      f"{s['dense_linear_s'] * 1e3:.0f} ms dense and "
                      f"{s['sparse_linear_s'] * 1e3:.0f} ms at {s['sparsity']:.0%} sparsity "
                      f"({s['dense_linear_s'] / s['sparse_linear_s']:.2f}x);"
-                     f" the whole dense model takes {s['dense_model_s'] * 1e3:.0f} ms, so the rest "
+                     f" the whole dense model takes {s['dense_model_s'] * 1e3:.0f} ms in the same "
+                     f"run, so the rest "
                      f"(attention, LayerNorm, GELU, embeddings) is about "
                      f"{max(s['dense_model_s'] - s['dense_linear_s'], 0) * 1e3:.0f} ms.")
     return notes

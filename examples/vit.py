@@ -179,11 +179,16 @@ def load_vit(path: str | Path, config: ViTConfig = VIT_B16) -> ViT:
     return build_model(lambda: ViT(config, rngs=nnx.Rngs(0)), params, str(path))
 
 
-def measure_throughput(model: ViT, batch_size: int, *, warmup: int = 2, repeats: int = 10,
-                       seed: int = 0) -> float:
-    """Images per second of the jit-compiled forward pass on random images."""
+def throughput_call(model: ViT, batch_size: int, *, seed: int = 0):
+    """``(fn, args)``: the jit-compiled forward pass on random images."""
     c = model.config
     images = jax.random.normal(jax.random.key(seed),
                                (batch_size, c.image_size, c.image_size, c.in_channels), jnp.float32)
-    return batch_size / median_seconds(jit_method(model, "__call__"), images,
-                                       warmup=warmup, repeats=repeats)
+    return jit_method(model, "__call__"), (images,)
+
+
+def measure_throughput(model: ViT, batch_size: int, *, warmup: int = 2, repeats: int = 10,
+                       seed: int = 0) -> float:
+    """Images per second of the jit-compiled forward pass on random images."""
+    fn, args = throughput_call(model, batch_size, seed=seed)
+    return batch_size / median_seconds(fn, *args, warmup=warmup, repeats=repeats)

@@ -148,7 +148,12 @@ def test_bert_pipeline_and_writers(tiny_bert, tokenizer, tmp_path):
     for r in res["rows"]:
         assert 0.0 < r["mean_cosine"] <= 1.0 + 1e-6
         assert np.asarray(r["golden"]).shape == (3, 3)
-        assert r["sentences_per_s"]["1"] > 0 and r["speedup"]["1"] > 0
+        assert r["sentences_per_s"]["1"] > 0 and r["dense_sentences_per_s"]["1"] > 0
+        # the speedup is from dense and pruned timed alternately in the same run
+        assert r["speedup"]["1"] == pytest.approx(r["sentences_per_s"]["1"] /
+                                                  r["dense_sentences_per_s"]["1"])
+    share = pruned_bert.linear_share(tiny_bert.config, 1, SEQ, repeats=1)
+    assert min(share["dense_linear_s"], share["sparse_linear_s"], share["dense_model_s"]) > 0
     # The BERT-base part's rows have the same shape (its code runs in the full example only).
     base = {"dense": res["dense"], "repeats": 1, "rows": [
         {k: v for k, v in res["rows"][0].items() if k not in ("golden", "mean_cosine")}]}
@@ -195,6 +200,8 @@ def test_vit_pipeline_and_writers(tiny_vit, tmp_path):
     variants = {k: pruned_vit.VARIANTS[k] for k in ("2:4",)}
     speed = pruned_vit.speed_table(tiny_vit, variants, batches=(1,), repeats=1)
     assert [r["variant"] for r in speed["rows"]] == list(variants)
+    r = speed["rows"][0]
+    assert r["speedup"]["1"] == pytest.approx(r["images_per_s"]["1"] / r["dense_images_per_s"]["1"])
     results = {"machine": pruned_vit.machine_info(["examples/pruned_vit.py"]), "weights": "random",
                "batches": [1], "repeats": 1,
                "zero_sparsity_check": dict(batch=2, layers=12, max_abs_diff=0.0, max_abs_logit=1.0,
