@@ -213,3 +213,13 @@ def test_vit_pipeline_and_writers(tiny_vit, tmp_path):
     assert loaded["speed"]["rows"][0]["n_m"] == [2, 4]
     md = (tmp_path / "v.md").read_text()
     assert "| variant | format |" in md and "PASS" in md
+
+
+def test_bert_time_breakdown_notes():
+    """The rest of the model is reported only when the linear layers alone are faster than it."""
+    share = dict(model="m", batch=1, layers=36, sparsity=0.9, dense_linear_s=0.029,
+                 sparse_linear_s=0.016)
+    notes = lambda model_s: [n for n in pruned_bert.target_notes(
+        {"linear_share": [dict(share, dense_model_s=model_s)]}) if n.startswith("m,")]
+    assert notes(0.040)[0].endswith("GELU, embeddings) is about 11 ms.")
+    assert "cannot separate the rest" in notes(0.026)[0]
