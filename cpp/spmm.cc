@@ -86,7 +86,7 @@ int64_t FirstBadEntry(const SpmmProblem& p, int64_t r0, int64_t r1, int64_t limi
 // range; -1 when none is. indptr must be valid. Each part's entries are checked by the thread
 // that computes the part, right before it does: in parallel, and the check brings the indices
 // into cache for the product (the serial check before the call took 30% of a 3072x768 SpMV).
-// Chunk-major products (below) check all parts in a parallel pass of their own first.
+// Chunk-major products and nk token slices (below) check all parts in a parallel pass first.
 int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, const void* b,
                 void* out, int64_t limit) {
   if (s.m == 0) return -1;
@@ -222,6 +222,16 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   const IsaKernels& tkern = SelectKernels(panel_dt);
   const int64_t ldt = PaddedLd(std::min(s.n, kChunkCols), esz);
   const bool stream = s.m * s.n * esz >= (int64_t{1} << 20);
+  // Kernel rows [r0, r1) of the product `chunk` (A times columns of a panel, written to columns
+  // n0 + [0, chunk.n) of out), sub rows at a time through the buffer tmp.
+  auto rows_to_out = [&](const SpmmProblem& chunk, int64_t r0, int64_t r1, int64_t n0, char* tmp) {
+    for (; r0 < r1; r0 += sub) {
+      const int64_t cnt = std::min(sub, r1 - r0);
+      kern.spmm_rows(Shift(chunk, r0), 0, cnt, tmp, ldt);
+      kern.transpose(p.dt, tmp, cnt * bm, chunk.n, ldt,
+                     static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
+    }
+  };
   // nk with at least 48 tokens per thread: each task takes a slice of the tokens (N / threads, in
   // multiples of 16, at most kChunkCols) through every row of A, transposing its own slice of B
   // into its own panel. The panel then stays in the L2 of the core that wrote it and reads it,
@@ -259,12 +269,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
       sl.ldb = ldp;
       sl.n = n1 - n0;
       Scratch tmp = AlignedScratch(sub * bm * ldt * esz);
-      for (int64_t r0 = 0; r0 < s.rows; r0 += sub) {
-        const int64_t cnt = std::min(sub, s.rows - r0);
-        kern.spmm_rows(Shift(sl, r0), 0, cnt, tmp.get(), ldt);
-        kern.transpose(p.dt, tmp.get(), cnt * bm, sl.n, ldt,
-                       static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
-      }
+      rows_to_out(sl, 0, s.rows, n0, tmp.get());
     });
     return first_bad.Get();
   }
@@ -287,12 +292,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   ParallelFor(pool, tasks, [&](int64_t t) {
     Scratch tmp = AlignedScratch(sub * bm * ldt * esz);
     run_task(t, panel.get(), [&](int64_t q, const SpmmProblem& chunk, int64_t n0) {
-      for (int64_t r0 = parts[q]; r0 < parts[q + 1]; r0 += sub) {
-        const int64_t cnt = std::min(sub, parts[q + 1] - r0);
-        kern.spmm_rows(Shift(chunk, r0), 0, cnt, tmp.get(), ldt);
-        kern.transpose(p.dt, tmp.get(), cnt * bm, chunk.n, ldt,
-                       static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
-      }
+      rows_to_out(chunk, parts[q], parts[q + 1], n0, tmp.get());
     });
   });
   return first_bad.Get();
