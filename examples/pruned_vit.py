@@ -33,10 +33,10 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxsparse
-from model_utils import jit_method, paired_throughput
+from model_utils import jit_method, paired_throughput, throughput
 from results_io import (format_table, machine_info, machine_markdown, markdown_table, write_json,
                         write_figure, write_text)
-from vit import VIT_B16, ViT, ViTConfig, load_vit, measure_throughput, throughput_call
+from vit import VIT_B16, ViT, ViTConfig, load_vit, throughput_call
 
 BATCHES = (1, 8)
 ENCODER_LINEARS = r"^blocks\."  # the head ("head") is left dense
@@ -79,11 +79,11 @@ def zero_sparsity_check(dense: nnx.Module, batch: int = 2) -> dict:
 def speed_table(dense: nnx.Module, variants: dict, *, batches=BATCHES, repeats=5,
                 progress=None) -> dict:
     bar = progress or (lambda *a, **k: None)
+    dense_calls = {b: throughput_call(dense, b) for b in batches}
     dense_speed = {}
     for b in batches:
         bar(f"dense, batch {b}")
-        dense_speed[b] = measure_throughput(dense, b, warmup=1, repeats=repeats)
-    dense_calls = {b: throughput_call(dense, b) for b in batches}
+        dense_speed[b] = throughput(b, dense_calls[b], repeats, warmup=1)
     out = {"dense": {"images_per_s": {str(b): v for b, v in dense_speed.items()}}, "rows": []}
     for name, kw in variants.items():
         bar(f"{name}: prune")

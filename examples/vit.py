@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from model_utils import SelfAttention, build_model, jit_method, median_seconds
+from model_utils import SelfAttention, build_model, jit_method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +186,3 @@ def throughput_call(model: ViT, batch_size: int, *, seed: int = 0):
                                (batch_size, c.image_size, c.image_size, c.in_channels), jnp.float32)
     return jit_method(model, "__call__"), (images,)
 
-
-def measure_throughput(model: ViT, batch_size: int, *, warmup: int = 2, repeats: int = 10,
-                       seed: int = 0) -> float:
-    """Images per second of the jit-compiled forward pass on random images."""
-    fn, args = throughput_call(model, batch_size, seed=seed)
-    return batch_size / median_seconds(fn, *args, warmup=warmup, repeats=repeats)
