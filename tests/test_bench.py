@@ -39,14 +39,23 @@ def costing(clock, first_s, then_s, extra=None):
 
 
 def test_timer_sizes_batches_on_a_compiled_call(clock):
-    """A 10 s first call (compilation) must not shrink the batch: 2 ms / 0.1 ms = 20 calls."""
-    fn = costing(clock, 10.0, 1e-4)
+    """A 10 s first call (compilation) must not shrink the batch: 2 ms / 0.1 ms = 20 calls, after
+    one untimed call (the third call, 5 ms slower here) that the sample does not count."""
+    fn = costing(clock, 10.0, 1e-4, extra={2: 5e-3})
     timer = bench.Timer(fn, (), min_sample_s=2e-3)
     assert timer.inner == 20
-    n = len(fn.calls)
     assert timer.sample() == pytest.approx(1e-4)
-    assert len(fn.calls) == n + 20
-    assert bench.Timer(costing(clock, 10.0, 1.0), ()).inner == 1  # slow calls: one per sample
+    assert len(fn.calls) == 2 + 1 + 20
+
+
+def test_timer_long_calls_are_not_doubled(clock):
+    """Calls as long as a sample: one per sample, no untimed call before it."""
+    fn = costing(clock, 10.0, 1.0)
+    timer = bench.Timer(fn, ())
+    assert timer.inner == 1
+    n = len(fn.calls)
+    assert timer.sample() == pytest.approx(1.0)
+    assert len(fn.calls) == n + 1
 
 
 def test_time_interleaved_medians_in_ms(clock):
@@ -54,7 +63,24 @@ def test_time_interleaved_medians_in_ms(clock):
     a, b = costing(clock, 1e-3, 1e-3, extra={5: 4e-3}), costing(clock, 3e-3, 3e-3)
     out = bench.time_interleaved({"a": (a, ()), "b": (b, ())}, reps=5)
     assert out == {"a": pytest.approx(1.0), "b": pytest.approx(3.0)}
-    assert len(a.calls) == 2 + 5 * 2 and len(b.calls) == 2 + 5  # warm-up, then 2 ms batches
+    # compile and size, then per sample one untimed call and a 10 ms batch
+    assert len(a.calls) == 2 + 5 * (1 + 10) and len(b.calls) == 2 + 5 * (1 + 3)
+
+
+def test_time_interleaved_varies_the_order(clock, monkeypatch):
+    """No method always runs right after the same other one."""
+    log = []
+    methods = {}
+    for name in "abcd":
+        def fn(name=name):
+            clock.now += 1.0
+            log.append(name)
+        methods[name] = (fn, ())
+    bench.time_interleaved(methods, reps=12)
+    timed = log[2 * len(methods):]  # after compiling and sizing each
+    predecessors = {name: {p for p, q in zip(timed, timed[1:]) if q == name and p != name}
+                    for name in methods}
+    assert all(len(p) >= 2 for p in predecessors.values()), predecessors
 
 
 def test_write_results(tmp_path):

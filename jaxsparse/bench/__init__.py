@@ -51,9 +51,14 @@ def _block(x):
 
 
 class Timer:
-    """Calls ``fn(*args)`` in batches sized so one sample lasts at least ``min_sample_s``."""
+    """Calls ``fn(*args)`` in batches sized so one sample lasts at least ``min_sample_s``.
 
-    def __init__(self, fn: Callable, args: tuple, min_sample_s: float = 2e-3):
+    A batch of several calls starts with one untimed call, so that a sample sees the operands in
+    cache and the thread pools awake, as the layers of a model calling one another do, and not the
+    state the previous method left behind. Calls as long as a sample get no such call: refilling
+    the caches is a small part of them."""
+
+    def __init__(self, fn: Callable, args: tuple, min_sample_s: float = 10e-3):
         self.fn, self.args = fn, args
         _block(fn(*args))  # compile / warm up; the batch is sized on a later call
         t0 = perf_counter()
@@ -63,6 +68,8 @@ class Timer:
 
     def sample(self) -> float:
         """Seconds per call, averaged over one batch."""
+        if self.inner > 1:
+            _block(self.fn(*self.args))
         t0 = perf_counter()
         out = None
         for _ in range(self.inner):
@@ -73,16 +80,14 @@ class Timer:
 
 def time_interleaved(methods: dict[str, tuple[Callable, tuple]], reps: int = 15) -> dict[str, float]:
     """Median milliseconds per call of each method, repetitions interleaved across methods so slow
-    drifts of the machine (frequency, other load) hit all of them alike. The order rotates every
-    repetition, so that each method follows each other one equally often: on 2 cores the thread
-    pools that torch and OpenBLAS leave spinning after a call slow down whatever runs next."""
+    drifts of the machine (frequency, other load) hit all of them alike. Every repetition runs the
+    methods in a new (seeded) random order, so that no method always follows the same one."""
     timers = {name: Timer(fn, args) for name, (fn, args) in methods.items()}
     samples: dict[str, list[float]] = {name: [] for name in timers}
-    names = list(timers)
-    for r in range(reps):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(timers[name].sample())
+    names, order = list(timers), np.random.default_rng(0)
+    for _ in range(reps):
+        for i in order.permutation(len(names)):
+            samples[names[i]].append(timers[names[i]].sample())
     return {name: 1e3 * float(np.median(s)) for name, s in samples.items()}
 
 
