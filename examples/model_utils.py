@@ -102,7 +102,7 @@ def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
                       sparse_call: tuple[Callable, tuple], repeats: int) -> tuple[float, float]:
     """Items per second of the dense and the sparse model, timed alternately in one run.
 
-    ``*_call`` are ``(jitted fn, args)``. Calls of the two alternate (order rotating) and each
+    ``*_call`` are ``(jitted fn, args)``. Calls of the two alternate (in a random order) and each
     throughput is ``batch`` over the median of ``repeats`` samples, so that the drifts of a shared
     machine hit both alike and their ratio is from the same moments.
     """
