@@ -1,7 +1,6 @@
 """``python -m jaxsparse.bench {cpu,layers,gpu}``: run a benchmark suite and write its results."""
 
 import argparse
-import os
 
 
 def main(argv=None):
@@ -28,9 +27,6 @@ def main(argv=None):
     gpu.add_argument("--out", default="benchmarks/results", help="output directory")
     gpu.add_argument("--only", choices=["spmm", "sddmm", "attention"], action="append")
     args = parser.parse_args(argv)
-    # torch's OpenMP workers otherwise spin for milliseconds after every call, on a 2-core machine
-    # taking a core from whichever method is timed next; set before torch is first imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.suite == "cpu":
         from jaxsparse.bench import cpu as suite
     elif args.suite == "layers":
