@@ -67,7 +67,7 @@ def test_time_interleaved_medians_in_ms(clock):
     assert len(a.calls) == 2 + 5 * (1 + 10) and len(b.calls) == 2 + 5 * (1 + 3)
 
 
-def test_time_interleaved_varies_the_order(clock, monkeypatch):
+def test_time_interleaved_varies_the_order(clock):
     """No method always runs right after the same other one."""
     log = []
     methods = {}
