@@ -260,4 +260,3 @@ def throughput_call(model: Bert, batch_size: int, seq_len: int, *, seed: int = 0
                                          size=(batch_size, seq_len), dtype=np.int32))
     attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
     return jit_method(model, "embed"), (input_ids, attention_mask)
-

@@ -185,4 +185,3 @@ def throughput_call(model: ViT, batch_size: int, *, seed: int = 0):
     images = jax.random.normal(jax.random.key(seed),
                                (batch_size, c.image_size, c.image_size, c.in_channels), jnp.float32)
     return jit_method(model, "__call__"), (images,)
-
