@@ -15,13 +15,19 @@ namespace {
 
 constexpr const char* kWhat = "sell_spmv";
 
-// Whether every column of group g's slots is below `width` or the padding column.
+// Whether every column of group g's slots is below `width` (<= 64) or the padding column. No
+// early exit, so the compiler vectorizes the scan: byte by byte with a branch per column it cost
+// a third of the kernel's time on a 3072x768 matrix, whose last window (12 columns wide) every
+// slice has entries in.
 bool ColumnsFit(const SellProblem& p, int64_t g, int64_t width) {
+  const uint8_t w = static_cast<uint8_t>(width);
+  const uint8_t* col = p.columns;
+  unsigned bad = 0;
   for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
        q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-    if (p.columns[q] >= width && p.columns[q] != kSellPad) return false;
+    bad |= static_cast<unsigned>(col[q] >= w) & static_cast<unsigned>(col[q] != kSellPad);
   }
-  return true;
+  return bad == 0;
 }
 
 // The first group of [g0, g1) with a window past x, or in the last window (when it is narrower
