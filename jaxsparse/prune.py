@@ -4,7 +4,8 @@ Every function takes concrete weights (pruning runs once, on the host, with NumP
 ``(pruned, mask)``: the weight with the dropped entries set to zero (same dtype, a jax array) and the
 boolean keep-mask. Weights of a linear layer are taken as ``[out, in]`` (rows = output features,
 the layout :class:`jaxsparse.layers.SparseLinear` stores), which matters for :func:`n_m` (groups
-run along the last axis) and :func:`wanda` (one comparison group per output row).
+run along the last axis) and :func:`wanda` (one comparison group per output row). Only
+:func:`sparsegpt` also changes the kept weights (it compensates for the dropped ones).
 
 The number of dropped entries is ``round(sparsity * count)``. Ties are broken deterministically:
 among equal scores the entry with the lower flat index (row-major) is dropped first (a stable sort).
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["magnitude", "global_magnitude", "block", "n_m", "wanda", "check_sparsity"]
+__all__ = ["magnitude", "global_magnitude", "block", "n_m", "wanda", "sparsegpt", "check_sparsity",
+           "feature_norms", "feature_gram"]
 
 
 def check_sparsity(sparsity, where: str) -> float:
@@ -173,3 +175,78 @@ def wanda(w, x_calib, sparsity: float, *, x_norms=None):
         order = np.argsort(scores, axis=1, kind="stable")[:, :n_drop]
         np.put_along_axis(keep, order, False, axis=1)
     return _apply(w, keep)
+
+
+def feature_gram(x_calib, in_features: int | None = None, where: str = "sparsegpt") -> np.ndarray:
+    """``X^T X`` (float64 ``[in, in]``) of the calibration rows of ``x_calib [..., in]``."""
+    x = np.asarray(x_calib).astype(np.float64)
+    if in_features is not None and (x.ndim == 0 or x.shape[-1] != in_features):
+        raise ValueError(f"{where}: x_calib.shape[-1]={x.shape[-1] if x.ndim else None} must equal "
+                         f"the weight's input features w.shape[1]={in_features}")
+    x = x.reshape(-1, x.shape[-1])
+    return x.T @ x
+
+
+def sparsegpt(w, x_calib, sparsity: float, *, x_gram=None, block_size: int = 128,
+              damp: float = 0.01):
+    """SparseGPT (Frantar and Alistarh, 2023): prune ``w [out, in]`` so that the layer's outputs
+    on the calibration inputs ``x_calib [..., in]`` change as little as it can, updating the kept
+    weights to make up for the dropped ones.
+
+    The columns are visited left to right in blocks of ``block_size``. In each block the entries
+    with the lowest saliency ``w^2 / [H^-1]_jj^2`` (``H = X^T X + damp * mean(diag) * I``) are
+    dropped, the same count ``round(sparsity * size)`` overall as the other methods (spread over
+    the blocks in proportion to their size); then column by column each dropped weight's error is
+    pushed onto the columns not yet visited through the Cholesky factor of ``H^-1`` (the optimal
+    brain surgeon update). Pass the Gram matrix ``x_gram = X^T X [in, in]`` instead of
+    ``x_calib`` (``x_calib=None``) to avoid holding the activations.
+
+    Returns ``(pruned, mask)``: unlike the other methods, ``pruned`` holds the updated weights.
+    Inputs that never occur in the calibration data (a zero row of ``X^T X``) leave only the
+    damping: their weights are then ranked by magnitude.
+    """
+    s = check_sparsity(sparsity, "sparsegpt")
+    a = _host(w, "sparsegpt", ndim=2)
+    out_f, in_f = a.shape
+    if x_gram is None:
+        if x_calib is None:
+            raise ValueError("sparsegpt: x_calib (calibration inputs [..., in]) is required")
+        h = feature_gram(x_calib, in_f)
+    else:
+        h = np.array(x_gram, np.float64)
+        if h.shape != (in_f, in_f):
+            raise ValueError(f"sparsegpt: x_gram.shape={h.shape} must be (in, in)=({in_f}, {in_f}) "
+                             f"for w.shape={a.shape}")
+    if int(block_size) < 1:
+        raise ValueError(f"sparsegpt: block_size must be >= 1, got block_size={block_size}")
+    if not damp > 0:
+        raise ValueError(f"sparsegpt: damp must be > 0, got damp={damp}")
+    bs = int(block_size)
+    mean_diag = float(np.mean(np.diag(h)))
+    h[np.diag_indices(in_f)] += damp * (mean_diag if mean_diag > 0 else 1.0)
+    # U upper triangular with H^-1 = U^T U: row j of U, from the diagonal on, is the update that
+    # removing weight j (with columns < j already fixed) makes to the columns after it.
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        raise ValueError("sparsegpt: X^T X + damping is not positive definite; raise damp") from None
+    wk = a.astype(np.float64)
+    keep = np.ones(a.shape, bool)
+    total = _n_drop(s, a.size)
+    for j0 in range(0, in_f, bs):
+        j1 = min(j0 + bs, in_f)
+        w1, u1 = wk[:, j0:j1], u[j0:j1, j0:j1]
+        n_drop = int(round(total * j1 / in_f)) - int(round(total * j0 / in_f))
+        saliency = (np.square(w1) / np.square(np.diag(u1))[None, :]).ravel()
+        keep1 = _drop_lowest(saliency, n_drop).reshape(w1.shape)
+        err = np.zeros(w1.shape)
+        for j in range(j1 - j0):
+            col = w1[:, j]
+            e = np.where(keep1[:, j], 0.0, col) / u1[j, j]
+            w1[:, j:] -= np.outer(e, u1[j, j:])
+            w1[:, j] = np.where(keep1[:, j], w1[:, j], 0.0)
+            err[:, j] = e
+        wk[:, j1:] -= err @ u[j0:j1, j1:]
+        keep[:, j0:j1] = keep1
+    pruned = jnp.asarray(np.where(keep, wk, 0.0).astype(a.dtype))
+    return pruned, jnp.asarray(keep)
