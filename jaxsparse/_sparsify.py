@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxsparse import prune as _prune
 from jaxsparse._formats import BSR, CSR, NM
-from jaxsparse.layers._linear import SparseLinear, resolve_method
+from jaxsparse.layers._linear import CALIBRATED, SparseLinear, resolve_method
 
 __all__ = ["sparsify", "densify", "SparsifyReport", "save_state", "load_state"]
 
@@ -97,24 +97,28 @@ def _replace(model, path, new):
 _TAG = "_jaxsparse_calibration_key"
 
 
-def _capture_input_norms(model, linears, calibration) -> dict[str, np.ndarray]:
-    """Run the model on the calibration data and return each Linear's per-input-feature L2 norm
-    (keyed by path). For the run, each selected Linear carries a static tag (it survives
-    ``nnx.jit``'s copies) and ``nnx.Linear.__call__`` is wrapped to record tagged inputs; the sums
-    of squares leave through ``jax.debug.callback``, so a jitted calibration fn works too."""
-    sums = {_path_str(p): np.zeros(lin.in_features, np.float64) for p, lin in linears}
+def _capture_inputs(model, linears, calibration, gram: bool) -> dict[str, np.ndarray]:
+    """Run the model on the calibration data and return, keyed by path, each Linear's
+    per-input-feature L2 norm (``gram=False``) or the Gram matrix ``X^T X`` of its inputs. For the
+    run, each selected Linear carries a static tag (it survives ``nnx.jit``'s copies) and
+    ``nnx.Linear.__call__`` is wrapped to record tagged inputs; the sums leave through
+    ``jax.debug.callback``, so a jitted calibration fn works too."""
+    sums = {_path_str(p): np.zeros((lin.in_features,) * (2 if gram else 1), np.float64)
+            for p, lin in linears}
     original = nnx.Linear.__call__
 
     def recording_call(self, inputs, *args, **kwargs):
         acc = sums.get(getattr(self, _TAG, None))
         if acc is not None:
             x = jnp.asarray(inputs)
-            sq = jnp.sum(jnp.square(x.reshape(-1, x.shape[-1]).astype(jnp.float32)), axis=0)
+            x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            stat = (jnp.matmul(x.T, x, precision="highest") if gram
+                    else jnp.sum(jnp.square(x), axis=0))
 
             def add(v, acc=acc):
                 acc += np.asarray(v, np.float64)
 
-            jax.debug.callback(add, sq)
+            jax.debug.callback(add, stat)
         return original(self, inputs, *args, **kwargs)
 
     for p, lin in linears:
@@ -135,7 +139,7 @@ def _capture_input_norms(model, linears, calibration) -> dict[str, np.ndarray]:
         for _, lin in linears:
             if hasattr(lin, _TAG):
                 delattr(lin, _TAG)
-    return {k: np.sqrt(v) for k, v in sums.items()}
+    return sums if gram else {k: np.sqrt(v) for k, v in sums.items()}
 
 
 def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | None = None,
@@ -144,33 +148,36 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
     :class:`~jaxsparse.layers.SparseLinear`; returns ``(model, report)``. The model is modified in
     place (pass a copy, e.g. ``nnx.clone(model)``, to keep the dense one).
 
-    * ``method``: ``"magnitude"`` (per layer), ``"block"``, ``"n:m"`` or ``"wanda"``; ``None`` picks
-      the natural one for ``format`` (csr: magnitude, bsr: block, nm: n:m).
+    * ``method``: ``"magnitude"`` (per layer), ``"block"``, ``"n:m"``, ``"wanda"`` or
+      ``"sparsegpt"`` (which also updates the kept weights, see :func:`jaxsparse.prune.sparsegpt`);
+      ``None`` picks the natural one for ``format`` (csr: magnitude, bsr: block, nm: n:m).
     * ``format``: ``"csr"``, ``"bsr"`` (needs ``block_size``), ``"nm"`` (``n_m``, default (2, 4)).
     * ``filter``: ``None`` (all), a regex searched in the dotted path (``"layers.0.output"``), or a
       callable ``(path: str, module) -> bool``.
-    * ``calibration`` (``method="wanda"``): a tuple of positional arguments such that
-      ``model(*calibration)`` runs the model, or a callable ``fn(model)``. Each selected layer's
-      inputs are recorded during that run (as per-feature sums of squares).
+    * ``calibration`` (``method="wanda"`` or ``"sparsegpt"``): a tuple of positional arguments
+      such that ``model(*calibration)`` runs the model, or a callable ``fn(model)``. Each selected
+      layer's inputs are recorded during that run (as per-feature sums of squares for wanda, as
+      ``X^T X`` for sparsegpt), all on the dense model: the layers are pruned independently.
 
     >>> model, report = jaxsparse.sparsify(model, sparsity=0.9)
     >>> print(report)  # a table; json.dumps(report) works as well
     """
     method = resolve_method(method, format, "sparsify")
     linears = _find(model, nnx.Linear, filter)
-    norms = {}
-    if method == "wanda":
+    stats = {}
+    if method in CALIBRATED:
         if calibration is None:
-            raise ValueError("sparsify: method='wanda' needs calibration (a tuple of model "
+            raise ValueError(f"sparsify: method={method!r} needs calibration (a tuple of model "
                              "arguments, or a callable fn(model))")
-        norms = _capture_input_norms(model, linears, calibration)
+        stats = _capture_inputs(model, linears, calibration, gram=method == "sparsegpt")
+    stat_arg = "x_gram" if method == "sparsegpt" else "x_norms"
     report = SparsifyReport()
     for path, lin in linears:
         where = f"sparsify (layer {_path_str(path)!r})"
         try:
             new = SparseLinear.from_dense(lin, sparsity=sparsity, method=method, format=format,
                                           block_size=block_size, n_m=n_m,
-                                          x_norms=norms.get(_path_str(path)))
+                                          **{stat_arg: stats.get(_path_str(path))})
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         _replace(model, path, new)

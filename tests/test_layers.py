@@ -117,6 +117,18 @@ def test_mlp(rng):
                                rtol=2e-5, atol=2e-5)
     mlp2 = SparseMLP.from_dense(fc1, fc2, sparsity=0.5)
     assert mlp2.fc1.nnz == 16 * 32 // 2 and mlp2.fc2.nnz == 16 * 32 // 2
+    # Calibrated: fc2 sees the dense hidden activations.
+    fc1, fc2 = nnx.Linear(16, 32, rngs=nnx.Rngs(1)), nnx.Linear(32, 16, rngs=nnx.Rngs(2))
+    x = x * jnp.linspace(0.1, 4, 16, dtype=jnp.float32)
+    hidden = jax.nn.gelu(fc1(x))
+    for method, prune_fn in (("wanda", jaxsparse.prune.wanda),
+                             ("sparsegpt", jaxsparse.prune.sparsegpt)):
+        mlp3 = SparseMLP.from_dense(fc1, fc2, sparsity=0.5, method=method, calibration=x)
+        for layer, dense, inputs in ((mlp3.fc1, fc1, x), (mlp3.fc2, fc2, hidden)):
+            w, keep = prune_fn(dense.kernel[...].T, inputs, 0.5)
+            np.testing.assert_array_equal(np.asarray(layer.mask()).T, np.asarray(keep))
+            np.testing.assert_allclose(np.asarray(layer.masked_kernel()).T, np.asarray(w),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_errors():
@@ -232,6 +244,34 @@ def test_sparsify_wanda_uses_activations(rng):
                                   calibration=lambda m: nnx.jit(lambda m, x: m(x))(m, x))
     np.testing.assert_array_equal(np.asarray(model.embed.mask()).T, want)
     np.testing.assert_array_equal(np.asarray(model.blocks[0].up.mask()).T, want_up)
+
+
+def test_sparsify_sparsegpt_uses_inputs(rng):
+    # Each layer holds what prune.sparsegpt gives for its recorded inputs (the dense model's):
+    # the mask and the updated kept weights; the model equals its densified twin.
+    x = jnp.asarray(rng.standard_normal((3, 6, 8)) * np.linspace(0.1, 5, 8), jnp.float32)
+    model = Model(n=1, rngs=nnx.Rngs(0))
+    want = jaxsparse.prune.sparsegpt(model.embed.kernel[...].T, x, 0.5)
+    h = model.embed(x)
+    want_up = jaxsparse.prune.sparsegpt(model.blocks[0].up.kernel[...].T, h, 0.5)
+    model, report = jaxsparse.sparsify(model, sparsity=0.5, method="sparsegpt", calibration=(x,))
+    assert {r["method"] for r in report} == {"sparsegpt"}
+    for layer, (w, keep) in ((model.embed, want), (model.blocks[0].up, want_up)):
+        np.testing.assert_array_equal(np.asarray(layer.mask()).T, np.asarray(keep))
+        np.testing.assert_allclose(np.asarray(layer.masked_kernel()).T, np.asarray(w),
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(CALL(model, x), CALL(masked_twin(model), x), rtol=1e-4, atol=1e-5)
+    lin = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+    layer = SparseLinear.from_dense(lin, sparsity=0.5, method="sparsegpt", calibration=x)
+    w, keep = jaxsparse.prune.sparsegpt(lin.kernel[...].T, x, 0.5)
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(x @ w.T + lin.bias[...]),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="method='sparsegpt' needs calibration"):
+        SparseLinear(8, 4, sparsity=0.5, method="sparsegpt", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="method='sparsegpt' needs calibration"):
+        SparseLinear.from_dense(lin, sparsity=0.5, method="sparsegpt")
+    with pytest.raises(ValueError, match="method='sparsegpt' needs calibration"):
+        jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, method="sparsegpt")
 
 
 def test_sparsify_filter():

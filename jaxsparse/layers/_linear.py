@@ -17,7 +17,8 @@ from jaxsparse._spmm import matmul
 
 __all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS"]
 
-METHODS = ("magnitude", "block", "n:m", "wanda")
+METHODS = ("magnitude", "block", "n:m", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")  # the methods that need the layer's inputs
 FORMATS = ("csr", "bsr", "nm")
 _METHOD_FOR_FORMAT = {"csr": "magnitude", "bsr": "block", "nm": "n:m"}
 
@@ -55,9 +56,10 @@ def resolve_method(method, fmt, where: str) -> str:
 
 
 def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=None,
-                 x_norms=None, where="SparseLinear"):
-    """Prune ``w [out, in]`` with ``method``; returns the keep-mask (NumPy bool) and resolved
-    (block_size, n_m)."""
+                 x_norms=None, x_gram=None, where="SparseLinear"):
+    """Prune ``w [out, in]`` with ``method``; returns the keep-mask (NumPy bool), the resolved
+    (block_size, n_m) and the weight to store at the mask (``w`` itself except for sparsegpt,
+    which updates the kept weights)."""
     if method == "n:m":
         n, m = _pair(n_m if n_m is not None else (2, 4), "n_m", where)
         if not 0 < n <= m:
@@ -67,13 +69,13 @@ def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=
         if sparsity is not None:
             _prune.check_sparsity(sparsity, where)
         _, mask = _prune.n_m(w, n, m)
-        return np.asarray(mask), None, (n, m)
+        return np.asarray(mask), None, (n, m), w
     if sparsity is None:
         raise ValueError(f"{where}: sparsity is required for method={method!r}")
     _prune.check_sparsity(sparsity, where)
     if method == "magnitude":
         _, mask = _prune.magnitude(w, sparsity)
-        return np.asarray(mask), None, None
+        return np.asarray(mask), None, None, w
     if method == "block":
         if block_size is None:
             raise ValueError(f"{where}: block_size is required for method='block'")
@@ -82,7 +84,7 @@ def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=
             raise ValueError(f"{where}: block_size={bs} must divide the weight "
                              f"[out_features, in_features]={tuple(w.shape)}")
         _, mask = _prune.block(w, sparsity, bs)
-        return np.asarray(mask), bs, None
+        return np.asarray(mask), bs, None, w
     if method == "wanda":
         if calibration is None and x_norms is None:
             raise ValueError(f"{where}: method='wanda' needs calibration inputs "
@@ -90,7 +92,15 @@ def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=
         if x_norms is None:
             x_norms = _prune.feature_norms(calibration, w.shape[1], where)
         _, mask = _prune.wanda(w, None, sparsity, x_norms=x_norms)
-        return np.asarray(mask), None, None
+        return np.asarray(mask), None, None, w
+    if method == "sparsegpt":
+        if calibration is None and x_gram is None:
+            raise ValueError(f"{where}: method='sparsegpt' needs calibration inputs "
+                             f"(calibration=[..., in_features])")
+        if x_gram is None:
+            x_gram = _prune.feature_gram(calibration, w.shape[1], where)
+        updated, mask = _prune.sparsegpt(w, None, sparsity, x_gram=x_gram)
+        return np.asarray(mask), None, None, updated
     raise ValueError(f"{where}: method must be one of {METHODS}, got method={method!r}")
 
 
@@ -130,8 +140,9 @@ class SparseLinear(nnx.Module):
     ``method`` before storing it in ``format``:
 
     * ``method``: ``"magnitude"`` (per layer), ``"block"`` (``block_size``), ``"n:m"`` (``n_m``,
-      default ``(2, 4)``) or ``"wanda"`` (only through :meth:`from_dense`, it needs calibration
-      inputs). ``None`` picks the natural one for ``format``.
+      default ``(2, 4)``), ``"wanda"`` or ``"sparsegpt"`` (these two only through
+      :meth:`from_dense`: they need calibration inputs). ``None`` picks the natural one for
+      ``format``.
     * ``format``: ``"csr"`` (any method), ``"bsr"`` (``method="block"``), ``"nm"``
       (``method="n:m"``).
 
@@ -163,14 +174,15 @@ class SparseLinear(nnx.Module):
             if rngs is None:
                 raise TypeError("SparseLinear: rngs is required (e.g. rngs=nnx.Rngs(0))")
             method = resolve_method(method, format, "SparseLinear")
-            if method == "wanda":
-                raise ValueError("SparseLinear: method='wanda' needs calibration inputs; build the "
-                                 "layer with SparseLinear.from_dense(linear, calibration=...)")
+            if method in CALIBRATED:
+                raise ValueError(f"SparseLinear: method={method!r} needs calibration inputs; "
+                                 "build the layer with SparseLinear.from_dense(linear, "
+                                 "calibration=...)")
             kernel = kernel_init(rngs.params(), (self.in_features, self.out_features),
                                  param_dtype)
             w = kernel.T
-            mask, bs, nm = prune_weight(w, sparsity=sparsity, method=method, block_size=block_size,
-                                        n_m=n_m)
+            mask, bs, nm, w = prune_weight(w, sparsity=sparsity, method=method,
+                                           block_size=block_size, n_m=n_m)
             _weight = to_sparse(w, mask, format, bs, nm)
             if use_bias:
                 _bias = bias_init(rngs.params(), (self.out_features,), param_dtype)
@@ -195,20 +207,22 @@ class SparseLinear(nnx.Module):
     @classmethod
     def from_dense(cls, linear: nnx.Linear, *, sparsity: float | None = None,
                    method: str | None = None, format: str = "csr", block_size=None, n_m=None,
-                   calibration=None, x_norms=None) -> "SparseLinear":
+                   calibration=None, x_norms=None, x_gram=None) -> "SparseLinear":
         """Prune an ``nnx.Linear`` (kernel ``[in, out]``) into a SparseLinear.
 
-        ``calibration`` (``method="wanda"``) is an array of the layer's inputs ``[..., in]``;
-        alternatively pass their per-feature L2 norms as ``x_norms [in]``.
+        ``calibration`` (``method="wanda"`` or ``"sparsegpt"``) is an array of the layer's inputs
+        ``[..., in]``; alternatively pass their per-feature L2 norms as ``x_norms [in]`` (wanda)
+        or their Gram matrix ``X^T X`` as ``x_gram [in, in]`` (sparsegpt).
         """
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected an nnx.Linear, got "
                             f"{type(linear).__name__}")
         method = resolve_method(method, format, "SparseLinear.from_dense")
         w = jnp.asarray(linear.kernel[...]).T
-        mask, bs, nm = prune_weight(w, sparsity=sparsity, method=method, block_size=block_size,
-                                    n_m=n_m, calibration=calibration, x_norms=x_norms,
-                                    where="SparseLinear.from_dense")
+        mask, bs, nm, w = prune_weight(w, sparsity=sparsity, method=method,
+                                       block_size=block_size, n_m=n_m, calibration=calibration,
+                                       x_norms=x_norms, x_gram=x_gram,
+                                       where="SparseLinear.from_dense")
         bias = linear.bias[...] if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, use_bias=linear.use_bias,
                    dtype=linear.dtype, param_dtype=linear.param_dtype,
@@ -301,9 +315,13 @@ class SparseMLP(nnx.Module):
     @classmethod
     def from_dense(cls, fc1: nnx.Linear, fc2: nnx.Linear, *, activation: Callable = jax.nn.gelu,
                    **prune_kwargs) -> "SparseMLP":
-        """Prune two ``nnx.Linear`` layers (``from_dense`` options apply to both)."""
-        layers = (SparseLinear.from_dense(fc1, **prune_kwargs),
-                  SparseLinear.from_dense(fc2, **prune_kwargs))
+        """Prune two ``nnx.Linear`` layers (``from_dense`` options apply to both). A
+        ``calibration`` array holds the MLP's inputs: ``fc2`` is calibrated on
+        ``activation(fc1(calibration))`` with the dense ``fc1``."""
+        calibration = prune_kwargs.pop("calibration", None)
+        hidden = None if calibration is None else activation(fc1(jnp.asarray(calibration)))
+        layers = (SparseLinear.from_dense(fc1, calibration=calibration, **prune_kwargs),
+                  SparseLinear.from_dense(fc2, calibration=hidden, **prune_kwargs))
         return cls(fc1.in_features, fc1.out_features, fc2.out_features, activation=activation,
                    _layers=layers)
 
