@@ -113,3 +113,59 @@ CALIBRATION_SENTENCES = (
     "She translated the manual from German into English.",
     "Fresh strawberries are in season this month.",
 )
+
+# Short passages (each well under 128 tokens) that add to the sentences above when a method needs
+# many calibration tokens: SparseGPT solves a least-squares problem per layer whose inputs have
+# up to 1536 features, and the sentences alone give ~480 tokens.
+CALIBRATION_PASSAGES = (
+    "Every spring the valley fills with wild flowers. Farmers plough the fields, shepherds move "
+    "their flocks to higher pastures, and the first tourists arrive with walking boots and maps. "
+    "By June the river is warm enough for swimming, and the small inn by the bridge is full "
+    "every weekend.",
+    "To make a simple tomato sauce, soften a chopped onion in olive oil, add two cloves of garlic "
+    "and cook for a minute. Pour in a tin of crushed tomatoes, season with salt, pepper and a "
+    "pinch of sugar, and let it simmer for twenty minutes while the pasta cooks.",
+    "The city was founded by traders who settled where two rivers meet. Over the centuries it grew "
+    "into a busy port with warehouses, markets and a cathedral, and its university, opened in the "
+    "fifteenth century, still attracts students from all over the world.",
+    "In the final minutes of the match the visitors equalised with a header from a corner. The home "
+    "side pushed forward for a winner, but the goalkeeper saved two close-range shots, and the "
+    "referee blew the whistle with the score at two goals each.",
+    "Modern processors execute several instructions per cycle. They predict the outcome of "
+    "branches, reorder independent operations and keep recently used data in small, fast caches, "
+    "so a program that reads memory in a predictable order often runs many times faster than one "
+    "that jumps around at random.",
+    "Before travelling abroad, check that your passport is valid for at least six months, find out "
+    "whether you need a visa, and buy travel insurance. It is also wise to carry a copy of your "
+    "documents and to tell your bank which countries you will visit.",
+    "A balanced diet includes vegetables, fruit, whole grains and enough protein. Drinking water "
+    "throughout the day, sleeping seven to nine hours and walking for half an hour lower the risk "
+    "of many chronic diseases, according to most public health guidelines.",
+    "The company reported higher revenue for the third quarter, driven by strong demand for its "
+    "cloud services. Profit margins narrowed, however, because of rising salaries and the cost of "
+    "new data centres, and the shares fell slightly in early trading.",
+    "Coral reefs cover a tiny fraction of the ocean floor but shelter about a quarter of all marine "
+    "species. Warmer water causes corals to expel the algae that feed them, and repeated bleaching "
+    "events have damaged large parts of several reefs in recent decades.",
+    "Under the new rules, landlords must give tenants two months' notice before raising the rent, "
+    "and any increase can take effect only once a year. Tenants who believe an increase is unfair "
+    "may ask an independent tribunal to review it.",
+    "The teacher divided the class into small groups. Each group chose a local problem, such as "
+    "litter in the park or a dangerous crossing near the school, interviewed residents, and "
+    "presented a plan to the town council at the end of the term.",
+    "The quartet opened with a slow movement by Haydn, followed by a lively piece by a young "
+    "composer from Argentina. After the interval they played Schubert's last string quartet, and "
+    "the audience called them back for two encores.",
+    "Astronomers have found thousands of planets orbiting other stars. Most were detected by the "
+    "tiny dip in brightness when a planet passes in front of its star; a few of them are rocky, "
+    "about the size of the Earth, and lie at a distance where liquid water could exist.",
+    "On weekday mornings the station is crowded with commuters. Cyclists weave between buses, cafes "
+    "sell coffee through open windows, and street sweepers finish their rounds before the shops "
+    "raise their shutters at nine.",
+    "The software update fixes a bug that could make the application crash when a file name "
+    "contained unusual characters. It also speeds up start-up, adds a dark theme and lets users "
+    "export their data as a spreadsheet.",
+    "Grandmother kept a diary for sixty years. In small, careful handwriting she recorded the "
+    "weather, the price of bread, letters from relatives abroad and the names of every cat the "
+    "family ever owned.",
+)

@@ -123,19 +123,30 @@ def test_bert_half_sparse_equals_masked_twin(tiny_bert):
 
 
 @needs_tokenizer
-def test_bert_wanda_through_example_path(tiny_bert, tokenizer):
-    calib = pruned_bert.calibration_inputs(tokenizer)
-    assert calib[0].shape == (len(pruned_bert.CALIBRATION_SENTENCES), SEQ)
-    wanda, report = pruned_bert.prune(tiny_bert, 0.5, "wanda", calibration=calib)
-    assert {r["method"] for r in report} == {"wanda"}
+def test_bert_calibration_has_no_padding(tokenizer):
+    seen = []
+    pruned_bert.calibration_inputs(tokenizer)(lambda ids, mask: seen.append((ids, mask)))
+    texts = pruned_bert.CALIBRATION_SENTENCES + pruned_bert.CALIBRATION_PASSAGES
+    assert len(seen) == len(texts)
+    for (ids, mask), text in zip(seen, texts):
+        assert ids.shape == mask.shape == (1, sum(tokenizer.encode(text).attention_mask))
+        assert np.all(mask == 1)
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bert_calibrated_pruning_through_example_path(tiny_bert, tokenizer, method):
+    calib = pruned_bert.calibration_inputs(tokenizer, pruned_bert.CALIBRATION_SENTENCES[:4])
+    pruned, report = pruned_bert.prune(tiny_bert, 0.5, method, calibration=calib)
+    assert {r["method"] for r in report} == {method}
     assert abs(report.total_sparsity - 0.5) < 0.01
     mag, _ = pruned_bert.prune(tiny_bert, 0.5, "magnitude")
     masks = lambda m: [np.asarray(l.mask()) for _, l in
                        _linears(m, jaxsparse.layers.SparseLinear)]
-    assert any((a != b).any() for a, b in zip(masks(wanda), masks(mag)))
+    assert any((a != b).any() for a, b in zip(masks(pruned), masks(mag)))
     ids, mask = _inputs()
-    twin = jaxsparse.densify(nnx.clone(wanda))
-    np.testing.assert_allclose(wanda.embed(ids, mask), twin.embed(ids, mask),
+    twin = jaxsparse.densify(nnx.clone(pruned))
+    np.testing.assert_allclose(pruned.embed(ids, mask), twin.embed(ids, mask),
                                rtol=1e-5, atol=1e-5)
 
 
