@@ -61,8 +61,8 @@ def calibration_inputs(tokenizer, texts=CALIBRATION_SENTENCES + CALIBRATION_PASS
     """The calibration of Wanda and SparseGPT: a function ``run(model)`` (what
     :func:`jaxsparse.sparsify` takes as ``calibration``) that encodes each text cut to its own
     tokens. Padded to ``SEQ_LEN``, nine in ten recorded positions were padding, whose activations
-    never reach an embedding: they skewed the statistics (50% Wanda: mean cosine 0.846 with them,
-    0.884 without)."""
+    never reach an embedding: they skewed the statistics (50% Wanda on the 40 sentences, dev runs:
+    mean cosine 0.846 padded, 0.884 not)."""
     ids, mask = tokenize(tokenizer, texts)
     lengths = mask.sum(axis=1)
 
