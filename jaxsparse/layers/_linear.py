@@ -85,21 +85,18 @@ def prune_weight(w, *, sparsity, method, block_size=None, n_m=None, calibration=
                              f"[out_features, in_features]={tuple(w.shape)}")
         _, mask = _prune.block(w, sparsity, bs)
         return np.asarray(mask), bs, None, w
-    if method == "wanda":
-        if calibration is None and x_norms is None:
-            raise ValueError(f"{where}: method='wanda' needs calibration inputs "
+    if method in CALIBRATED:  # from the inputs' norms (wanda) or Gram matrix (sparsegpt)
+        stat = x_norms if method == "wanda" else x_gram
+        if calibration is None and stat is None:
+            raise ValueError(f"{where}: method={method!r} needs calibration inputs "
                              f"(calibration=[..., in_features])")
-        if x_norms is None:
-            x_norms = _prune.feature_norms(calibration, w.shape[1], where)
-        _, mask = _prune.wanda(w, None, sparsity, x_norms=x_norms)
-        return np.asarray(mask), None, None, w
-    if method == "sparsegpt":
-        if calibration is None and x_gram is None:
-            raise ValueError(f"{where}: method='sparsegpt' needs calibration inputs "
-                             f"(calibration=[..., in_features])")
-        if x_gram is None:
-            x_gram = _prune.feature_gram(calibration, w.shape[1], where)
-        updated, mask = _prune.sparsegpt(w, None, sparsity, x_gram=x_gram)
+        if stat is None:
+            of_inputs = _prune.feature_norms if method == "wanda" else _prune.feature_gram
+            stat = of_inputs(calibration, w.shape[1], where)
+        if method == "wanda":
+            _, mask = _prune.wanda(w, None, sparsity, x_norms=stat)
+            return np.asarray(mask), None, None, w
+        updated, mask = _prune.sparsegpt(w, None, sparsity, x_gram=stat)
         return np.asarray(mask), None, None, updated
     raise ValueError(f"{where}: method must be one of {METHODS}, got method={method!r}")
 
