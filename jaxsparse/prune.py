@@ -140,13 +140,40 @@ def n_m(w, n: int, m: int):
     return _apply(w, keep.reshape(a.shape))
 
 
-def feature_norms(x_calib, in_features: int | None = None, where: str = "wanda") -> np.ndarray:
-    """``||X_j||_2`` of each input feature ``j`` over all calibration rows of ``x_calib [..., in]``."""
+def _calibration_rows(x_calib, in_features: int | None, where: str) -> np.ndarray:
+    """``x_calib [..., in]`` as float64 rows ``[n, in]``, its last axis checked against the weight."""
     x = np.asarray(x_calib).astype(np.float64)
     if in_features is not None and (x.ndim == 0 or x.shape[-1] != in_features):
         raise ValueError(f"{where}: x_calib.shape[-1]={x.shape[-1] if x.ndim else None} must equal "
                          f"the weight's input features w.shape[1]={in_features}")
-    return np.sqrt(np.square(x.reshape(-1, x.shape[-1])).sum(axis=0))
+    return x.reshape(-1, x.shape[-1])
+
+
+def feature_norms(x_calib, in_features: int | None = None, where: str = "wanda") -> np.ndarray:
+    """``||X_j||_2`` of each input feature ``j`` over all calibration rows of ``x_calib [..., in]``."""
+    return np.sqrt(np.square(_calibration_rows(x_calib, in_features, where)).sum(axis=0))
+
+
+def feature_gram(x_calib, in_features: int | None = None, where: str = "sparsegpt") -> np.ndarray:
+    """``X^T X`` (float64 ``[in, in]``) of the calibration rows of ``x_calib [..., in]``."""
+    x = _calibration_rows(x_calib, in_features, where)
+    return x.T @ x
+
+
+def _input_statistic(where: str, w_shape, x_calib, given, name: str, of_inputs, ndim: int):
+    """What a calibrated method needs of the layer's inputs: ``given`` (the argument ``name``, a
+    float64 copy, checked to be ``[in]`` or ``[in, in]`` by ``ndim``) or ``of_inputs(x_calib)``."""
+    in_f = w_shape[1]
+    if given is None:
+        if x_calib is None:
+            raise ValueError(f"{where}: x_calib (calibration inputs [..., in]) is required")
+        return of_inputs(x_calib, in_f, where)
+    stat = np.array(given, np.float64)
+    want = (in_f,) * ndim
+    if stat.shape != want:
+        raise ValueError(f"{where}: {name}.shape={stat.shape} must be "
+                         f"{'(in,)' if ndim == 1 else '(in, in)'}={want} for w.shape={w_shape}")
+    return stat
 
 
 def wanda(w, x_calib, sparsity: float, *, x_norms=None):
@@ -158,33 +185,14 @@ def wanda(w, x_calib, sparsity: float, *, x_norms=None):
     """
     s = check_sparsity(sparsity, "wanda")
     a = _host(w, "wanda", ndim=2)
-    out_f, in_f = a.shape
-    if x_norms is None:
-        if x_calib is None:
-            raise ValueError("wanda: x_calib (calibration inputs [..., in]) is required")
-        norms = feature_norms(x_calib, in_f)
-    else:
-        norms = np.asarray(x_norms, np.float64)
-        if norms.shape != (in_f,):
-            raise ValueError(f"wanda: x_norms.shape={norms.shape} must be (in,)=({in_f},) for "
-                             f"w.shape={a.shape}")
+    norms = _input_statistic("wanda", a.shape, x_calib, x_norms, "x_norms", feature_norms, 1)
     scores = np.abs(a.astype(np.float64)) * norms[None, :]
-    n_drop = _n_drop(s, in_f)
+    n_drop = _n_drop(s, a.shape[1])
     keep = np.ones(a.shape, bool)
     if n_drop:
         order = np.argsort(scores, axis=1, kind="stable")[:, :n_drop]
         np.put_along_axis(keep, order, False, axis=1)
     return _apply(w, keep)
-
-
-def feature_gram(x_calib, in_features: int | None = None, where: str = "sparsegpt") -> np.ndarray:
-    """``X^T X`` (float64 ``[in, in]``) of the calibration rows of ``x_calib [..., in]``."""
-    x = np.asarray(x_calib).astype(np.float64)
-    if in_features is not None and (x.ndim == 0 or x.shape[-1] != in_features):
-        raise ValueError(f"{where}: x_calib.shape[-1]={x.shape[-1] if x.ndim else None} must equal "
-                         f"the weight's input features w.shape[1]={in_features}")
-    x = x.reshape(-1, x.shape[-1])
-    return x.T @ x
 
 
 def sparsegpt(w, x_calib, sparsity: float, *, x_gram=None, block_size: int = 128,
@@ -207,16 +215,8 @@ def sparsegpt(w, x_calib, sparsity: float, *, x_gram=None, block_size: int = 128
     """
     s = check_sparsity(sparsity, "sparsegpt")
     a = _host(w, "sparsegpt", ndim=2)
-    out_f, in_f = a.shape
-    if x_gram is None:
-        if x_calib is None:
-            raise ValueError("sparsegpt: x_calib (calibration inputs [..., in]) is required")
-        h = feature_gram(x_calib, in_f)
-    else:
-        h = np.array(x_gram, np.float64)
-        if h.shape != (in_f, in_f):
-            raise ValueError(f"sparsegpt: x_gram.shape={h.shape} must be (in, in)=({in_f}, {in_f}) "
-                             f"for w.shape={a.shape}")
+    in_f = a.shape[1]
+    h = _input_statistic("sparsegpt", a.shape, x_calib, x_gram, "x_gram", feature_gram, 2)
     if int(block_size) < 1:
         raise ValueError(f"sparsegpt: block_size must be >= 1, got block_size={block_size}")
     if not damp > 0:
