@@ -80,10 +80,8 @@ def prune(model: nnx.Module, sparsity: float, method: str = "magnitude", calibra
     ``calibration`` (Wanda and SparseGPT only): the model arguments to record layer inputs on, or
     a function of the model, e.g. :func:`calibration_inputs`.
     """
-    pruned = nnx.clone(model)
-    kwargs = dict(calibration=calibration) if method in ("wanda", "sparsegpt") else {}
-    return jaxsparse.sparsify(pruned, sparsity=sparsity, method=method, format=format,
-                              filter=filter, block_size=block_size, **kwargs)
+    return jaxsparse.sparsify(nnx.clone(model), sparsity=sparsity, method=method, format=format,
+                              filter=filter, block_size=block_size, calibration=calibration)
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
