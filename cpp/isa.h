@@ -16,6 +16,9 @@ namespace jaxsparse {
 // portable build takes all four.
 enum Dt : int { kF32 = 0, kBF16 = 1, kF64 = 2, kF16 = 3 };
 enum Fmt : int { kCsr = 0, kBsr = 1, kNm = 2 };
+// The activation an SpMM may apply to its output (after the bias), as jax.nn computes them:
+// relu, gelu (exact, erf), gelu_tanh (jax.nn.gelu's default tanh approximation), silu.
+enum Act : int { kActNone = 0, kActRelu = 1, kActGelu = 2, kActGeluTanh = 3, kActSilu = 4 };
 
 // A sparse matrix A [M, K] (stored, not transposed) times a dense B [K, N] (row stride ldb).
 // Rows are block rows for BSR.
@@ -98,6 +101,10 @@ struct IsaKernels {
   // sfence before returning).
   void (*transpose)(int dt, const void* src, int64_t rows, int64_t cols, int64_t lds, void* dst,
                     int64_t ldd, bool stream);
+  // c[i, j] = act(c[i, j] + bias[i]) (bias_per_row) or act(c[i, j] + bias[j]) for i < rows,
+  // j < cols (row stride ldc, element type dt; bias of the same type, or null for none).
+  void (*epilogue)(int dt, void* c, int64_t rows, int64_t cols, int64_t ldc, const void* bias,
+                   bool bias_per_row, int act);
 };
 
 const IsaKernels& KernelsScalar();

@@ -39,6 +39,21 @@ struct Shape {
   int64_t m, k, n;
 };
 
+// The fused bias (one per row of A, i.e. per output feature; null for none) and activation
+// (Act, isa.h) applied to every block of the output right after it is computed.
+struct Epilogue {
+  const void* bias = nullptr;
+  int act = kActNone;
+  bool Active() const { return bias != nullptr || act != kActNone; }
+  // Rows [r0, r0 + rows) of A, their columns [0, cols) of the product in c (row stride ldc).
+  void Apply(const IsaKernels& kern, int dt, void* c, int64_t r0, int64_t rows, int64_t cols,
+             int64_t ldc) const {
+    if (!Active()) return;
+    const void* b = bias == nullptr ? nullptr : static_cast<const char*>(bias) + r0 * DtSize(dt);
+    kern.epilogue(dt, c, rows, cols, ldc, b, true, act);
+  }
+};
+
 ffi::Error CheckDense(const char* what, ffi::AnyBuffer& b, ffi::Result<ffi::AnyBuffer>& out,
                       int64_t m, bool nk, int dt, int64_t* k, int64_t* n) {
   const auto bd = b.dimensions();
@@ -57,6 +72,25 @@ ffi::Error CheckDense(const char* what, ffi::AnyBuffer& b, ffi::Result<ffi::AnyB
     return ffi::Error::InvalidArgument(std::string(what) +
                                        ": unsupported dtype or dtypes of b and out differ");
   }
+  return ffi::Error::Success();
+}
+
+// The fused epilogue of a call: `bias` is empty (none) or one value per output feature (`m`)
+// of out's type; act one of Act.
+ffi::Error GetEpilogue(const char* what, ffi::AnyBuffer& bias, int64_t act, int64_t m,
+                       ffi::DataType dt, Epilogue* ep) {
+  if (act < kActNone || act > kActSilu) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": unknown activation code " +
+                                       std::to_string(act));
+  }
+  ep->act = static_cast<int>(act);
+  if (bias.element_count() == 0) return ffi::Error::Success();
+  if (static_cast<int64_t>(bias.element_count()) != m || bias.element_type() != dt) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": bias must hold " +
+                                       std::to_string(m) + " values of the output's dtype, got " +
+                                       std::to_string(bias.element_count()));
+  }
+  ep->bias = bias.untyped_data();
   return ffi::Error::Success();
 }
 
@@ -88,7 +122,7 @@ int64_t FirstBadEntry(const SpmmProblem& p, int64_t r0, int64_t r1, int64_t limi
 // into cache for the product (the serial check before the call took 30% of a 3072x768 SpMV).
 // Chunk-major products and nk token slices (below) check all parts in a parallel pass first.
 int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, const void* b,
-                void* out, int64_t limit) {
+                void* out, int64_t limit, const Epilogue& ep) {
   if (s.m == 0) return -1;
   if (s.n == 0) return FirstBadEntry(p, 0, s.rows, limit);
   const IsaKernels& kern = SelectKernels(p.dt);
@@ -131,7 +165,14 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
       x = xbuf.data();
     }
     ParallelFor(pool, n_parts, [&](int64_t q) {
-      if (valid(q)) kern.spmv_rows(p, x, parts[q], parts[q + 1], out);
+      if (!valid(q)) return;
+      kern.spmv_rows(p, x, parts[q], parts[q + 1], out);
+      if (ep.Active()) {  // one row of out: the bias runs along it
+        const int64_t r0 = parts[q] * bm, cnt = (parts[q + 1] - parts[q]) * bm;
+        const void* bias = ep.bias == nullptr ? nullptr
+                                              : static_cast<const char*>(ep.bias) + r0 * esz;
+        kern.epilogue(p.dt, static_cast<char*>(out) + r0 * esz, 1, cnt, cnt, bias, false, ep.act);
+      }
     });
     return first_bad.Get();
   }
@@ -208,7 +249,9 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     p.ldb = ldb;
     ParallelFor(pool, tasks, [&](int64_t t) {
       run_task(t, static_cast<const char*>(b), [&](int64_t q, const SpmmProblem& chunk, int64_t n0) {
+        char* block = static_cast<char*>(out) + (parts[q] * bm * s.n + n0) * esz;
         kern.spmm_rows(chunk, parts[q], parts[q + 1], static_cast<char*>(out) + n0 * esz, s.n);
+        ep.Apply(kern, p.dt, block, parts[q] * bm, (parts[q + 1] - parts[q]) * bm, chunk.n, s.n);
       });
     });
     return first_bad.Get();
@@ -228,6 +271,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     for (; r0 < r1; r0 += sub) {
       const int64_t cnt = std::min(sub, r1 - r0);
       kern.spmm_rows(Shift(chunk, r0), 0, cnt, tmp, ldt);
+      ep.Apply(kern, p.dt, tmp, r0 * bm, cnt * bm, chunk.n, ldt);
       kern.transpose(p.dt, tmp, cnt * bm, chunk.n, ldt,
                      static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
     }
@@ -300,8 +344,8 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
 
 // indices are int32, or uint16 for a matrix packed by jaxsparse.pack (K <= 65536).
 ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer indices,
-                   ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b,
-                   ffi::Result<ffi::AnyBuffer> out, bool nk) {
+                   ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> out, bool nk, int64_t act) {
   const int64_t rows = static_cast<int64_t>(indptr.element_count()) - 1;
   const int64_t nnz = indices.element_count();
   const int dt = DtOf(data.element_type());
@@ -311,6 +355,10 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer ind
     return ffi::Error::InvalidArgument("csr_spmm: inconsistent data, indices and indptr");
   }
   if (auto err = CheckDense("csr_spmm", b, out, rows, nk, dt, &k, &n); err.failure()) return err;
+  Epilogue ep;
+  if (auto err = GetEpilogue("csr_spmm", bias, act, rows, b.element_type(), &ep); err.failure()) {
+    return err;
+  }
   SpmmProblem p{};
   if (indices.element_type() == ffi::DataType::S32) {
     p.indices = static_cast<const int32_t*>(indices.untyped_data());
@@ -328,7 +376,7 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer ind
   p.indptr = indptr.typed_data();
   p.bm = p.bk = 1;
   const int64_t bad =
-      RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(), out->untyped_data(), k);
+      RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(), out->untyped_data(), k, ep);
   if (bad >= 0) {
     return p.indices != nullptr ? IndexError("csr_spmm", "indices", p.indices, bad, k)
                                 : IndexError("csr_spmm", "indices", p.indices16, bad, k);
@@ -337,8 +385,8 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer ind
 }
 
 ffi::Error BsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S32> indices,
-                   ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b,
-                   ffi::Result<ffi::AnyBuffer> out, bool nk) {
+                   ffi::Buffer<ffi::S32> indptr, ffi::AnyBuffer b, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> out, bool nk, int64_t act) {
   const auto dd = data.dimensions();
   const int64_t brows = static_cast<int64_t>(indptr.element_count()) - 1;
   const int64_t nblocks = indices.element_count();
@@ -351,6 +399,11 @@ ffi::Error BsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S
   const int dt = DtOf(data.element_type());
   int64_t k, n;
   if (auto err = CheckDense("bsr_spmm", b, out, brows * bm, nk, dt, &k, &n); err.failure()) {
+    return err;
+  }
+  Epilogue ep;
+  if (auto err = GetEpilogue("bsr_spmm", bias, act, brows * bm, b.element_type(), &ep);
+      err.failure()) {
     return err;
   }
   if (k % bk != 0) {
@@ -369,14 +422,14 @@ ffi::Error BsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::Buffer<ffi::S
   p.bm = bm;
   p.bk = bk;
   const int64_t bad = RunSpmm(pool, p, Shape{brows, brows * bm, k, n}, nk, b.untyped_data(),
-                              out->untyped_data(), k / bk);
+                              out->untyped_data(), k / bk, ep);
   if (bad >= 0) return IndexError("bsr_spmm", "indices", p.indices, bad, k / bk);
   return ffi::Error::Success();
 }
 
 ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::U8> positions,
-                  ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t nm_n, int64_t nm_m,
-                  bool nk) {
+                  ffi::AnyBuffer b, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out,
+                  int64_t nm_n, int64_t nm_m, bool nk, int64_t act) {
   const auto vd = values.dimensions();
   const auto pd = positions.dimensions();
   if (vd.size() != 2 || pd.size() != 2 || vd[0] != pd[0] || vd[1] != pd[1] ||
@@ -387,6 +440,10 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   const int dt = DtOf(values.element_type());
   int64_t k, n;
   if (auto err = CheckDense("nm_spmm", b, out, rows, nk, dt, &k, &n); err.failure()) return err;
+  Epilogue ep;
+  if (auto err = GetEpilogue("nm_spmm", bias, act, rows, b.element_type(), &ep); err.failure()) {
+    return err;
+  }
   if (nm_n < 1 || nm_m < nm_n || k % nm_m != 0 || slots != k / nm_m * nm_n) {
     return ffi::Error::InvalidArgument(
         "nm_spmm: need 0 < n <= m, m dividing K and slots = K / m * n; got n=" +
@@ -405,7 +462,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   p.slots = slots;
   p.bm = p.bk = 1;
   const int64_t e = RunSpmm(pool, p, Shape{rows, rows, k, n}, nk, b.untyped_data(),
-                            out->untyped_data(), nm_m);
+                            out->untyped_data(), nm_m, ep);
   if (e >= 0) {
     return ffi::Error::InvalidArgument(
         "nm_spmm: positions[" + std::to_string(e / slots) + ", " + std::to_string(e % slots) +
@@ -423,8 +480,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kCsrSpmm, CsrSpmm,
                                   .Arg<ffi::AnyBuffer>()         // indices [nnz] int32 / uint16
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M + 1]
                                   .Arg<ffi::AnyBuffer>()         // b: kn [K, N], nk [N, K]
+                                  .Arg<ffi::AnyBuffer>()         // bias [M] or [0] (none)
                                   .Ret<ffi::AnyBuffer>()         // out: kn [M, N], nk [N, M]
-                                  .Attr<bool>("nk"));
+                                  .Attr<bool>("nk")
+                                  .Attr<int64_t>("act"));        // Act (isa.h)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kBsrSpmm, BsrSpmm,
                               ffi::Ffi::Bind()
@@ -433,8 +492,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kBsrSpmm, BsrSpmm,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indices [nblocks]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M / bm + 1]
                                   .Arg<ffi::AnyBuffer>()         // b
+                                  .Arg<ffi::AnyBuffer>()         // bias [M] or [0]
                                   .Ret<ffi::AnyBuffer>()         // out
-                                  .Attr<bool>("nk"));
+                                  .Attr<bool>("nk")
+                                  .Attr<int64_t>("act"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kNmSpmm, NmSpmm,
                               ffi::Ffi::Bind()
@@ -442,9 +503,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kNmSpmm, NmSpmm,
                                   .Arg<ffi::AnyBuffer>()         // values [M, K / m * n]
                                   .Arg<ffi::Buffer<ffi::U8>>()   // positions [M, K / m * n]
                                   .Arg<ffi::AnyBuffer>()         // b
+                                  .Arg<ffi::AnyBuffer>()         // bias [M] or [0]
                                   .Ret<ffi::AnyBuffer>()         // out
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("m")
-                                  .Attr<bool>("nk"));
+                                  .Attr<bool>("nk")
+                                  .Attr<int64_t>("act"));
 
 }  // namespace jaxsparse

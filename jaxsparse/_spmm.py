@@ -10,6 +10,12 @@
 The pattern arrays are ``(indices, indptr)`` for CSR and BSR, ``(positions,)`` for N:M. Layout,
 transposition and format are static, so every combination reaches a kernel without a transposed copy
 of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the same pattern.
+
+``spmm_fused_p.bind(data, *pattern, bias, b, activation, has_bias, <spmm_p params>)`` is the same
+product followed by ``+ bias`` (one value per row of ``op(A)``, the output features; an empty array
+when ``has_bias`` is False) and ``activation`` (a name in :data:`ACTIVATIONS` or None), which the
+CPU kernels apply to each block of the output while it is in cache. It is reached through
+``matmul(..., bias=, activation=)``, whose derivatives are those of the unfused composition.
 """
 
 from __future__ import annotations
@@ -26,9 +32,18 @@ from jax.interpreters import ad, batching, mlir
 from jaxsparse import _config
 from jaxsparse._formats import SparseMatrix, check_pattern_runtime, nm_columns, row_ids
 
-__all__ = ["spmm_p", "matmul", "spmm"]
+__all__ = ["spmm_p", "spmm_fused_p", "matmul", "spmm", "ACTIVATIONS"]
 
 spmm_p = Primitive("jaxsparse_spmm")
+spmm_fused_p = Primitive("jaxsparse_spmm_fused")
+
+# The activations matmul can fuse into the product, as jax.nn computes them.
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact (erf), as in BERT
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # jax.nn.gelu's default
+    "silu": jax.nn.silu,
+}
 
 _LAYOUTS = ("kn", "nk")
 _HALF = (jnp.float16, jnp.bfloat16)
@@ -38,7 +53,7 @@ _HALF = (jnp.float16, jnp.bfloat16)
 # Public functions
 
 
-def matmul(a, b, *, backend: str | None = None):
+def matmul(a, b, *, bias=None, activation: str | None = None, backend: str | None = None):
     """Matrix product where exactly one operand is sparse (:class:`CSR`, :class:`BSR`, :class:`NM`).
 
     * ``matmul(A, x)``: ``x`` is ``[K]``, ``[K, N]`` or ``[..., K, N]`` (leading batch dimensions).
@@ -48,6 +63,13 @@ def matmul(a, b, *, backend: str | None = None):
 
     Operands are promoted to a common dtype as ``jnp.matmul`` does; half types accumulate in
     float32. ``backend`` overrides :func:`jaxsparse.use_backend` for this call.
+
+    ``bias`` (one value per output feature: ``[M]`` for ``A @ x``, ``[K]`` for ``x @ A``) and
+    ``activation`` (``"relu"``, ``"gelu"`` (exact), ``"gelu_tanh"`` (``jax.nn.gelu``'s default
+    approximation) or ``"silu"``) give ``activation(product + bias)``, applied by the CPU kernels
+    to each block of the output while it is in cache instead of by separate XLA passes (a linear
+    layer's bias and the MLP's activation). Derivatives are those of the unfused composition,
+    which is also what runs where no native kernel applies.
 
     NaN and Inf: only *stored* entries are multiplied, so a structural zero of the sparse operand
     times a NaN/Inf of the dense one contributes nothing, where a dense product would give NaN
@@ -68,9 +90,13 @@ def matmul(a, b, *, backend: str | None = None):
         raise TypeError(f"matmul: exactly one operand must be a jaxsparse matrix, {kinds} "
                         f"(got {type(a).__name__} and {type(b).__name__})")
     backend = _config.resolve_backend(backend)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"matmul: activation must be None or one of {tuple(ACTIVATIONS)}, got "
+                         f"activation={activation!r}")
+    epilogue = None if bias is None and activation is None else (bias, activation)
     if a_sparse:
-        return _sparse_dense(a, b, backend)
-    return _dense_sparse(a, b, backend)
+        return _sparse_dense(a, b, backend, epilogue)
+    return _dense_sparse(a, b, backend, epilogue)
 
 
 def _promote(sp: SparseMatrix, x, where: str):
@@ -83,49 +109,106 @@ def _promote(sp: SparseMatrix, x, where: str):
     return (sp if sp.dtype == dtype else sp.astype(dtype)), x.astype(dtype)
 
 
-def _sparse_dense(a: SparseMatrix, x, backend: str):
+def _bias(epilogue, a: SparseMatrix, features: int):
+    """The epilogue's bias as a [features] array of a's dtype (None stays None)."""
+    bias = epilogue[0]
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias)
+    if bias.shape != (features,):
+        raise ValueError(f"matmul: bias must have one value per output feature, shape "
+                         f"({features},), got bias.shape={bias.shape}")
+    return bias.astype(a.dtype)
+
+
+def _sparse_dense(a: SparseMatrix, x, backend: str, epilogue=None):
     a, x = _promote(a, x, "matmul")
     m, k = a.shape
     if x.ndim == 0 or x.shape[0 if x.ndim == 1 else -2] != k:
         raise ValueError(f"matmul: contraction dimensions do not match: sparse a.shape={a.shape}, "
                          f"dense b.shape={x.shape} (need b.shape[-2] == {k}, or b.shape == ({k},))")
     if x.ndim == 1:
-        return _sparse_dense(a, x[:, None], backend)[:, 0]
-    fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend)
+        return _sparse_dense(a, x[:, None], backend, epilogue)[:, 0]
+    if epilogue is None:
+        fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend)
+    else:
+        bias, act = _bias(epilogue, a, m), epilogue[1]
+        fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend,
+                             bias=bias, activation=act)
     for _ in range(x.ndim - 2):
         fn = jax.vmap(fn)
     return fn(x)
 
 
-def _dense_sparse(x, a: SparseMatrix, backend: str):
+def _dense_sparse(x, a: SparseMatrix, backend: str, epilogue=None):
     a, x = _promote(a, x, "matmul")
     m, k = a.shape
     if x.ndim == 0 or x.shape[-1] != m:
         raise ValueError(f"matmul: contraction dimensions do not match: dense a.shape={x.shape}, "
                          f"sparse b.shape={a.shape} (need a.shape[-1] == {m})")
     lead = x.shape[:-1]
-    out = spmm(a, x.reshape(math.prod(lead), m), transpose_a=not a.transposed, layout="nk", backend=backend)
+    bias, act = (None, None) if epilogue is None else (_bias(epilogue, a, k), epilogue[1])
+    out = spmm(a, x.reshape(math.prod(lead), m), transpose_a=not a.transposed, layout="nk",
+               backend=backend, bias=bias, activation=act)
     return out.reshape(*lead, k)
 
 
 def spmm(a: SparseMatrix, b, *, transpose_a: bool = False, layout: str = "kn",
-         backend: str | None = None):
-    """Bind :data:`spmm_p` on the *stored* matrix of ``a`` (its ``.T`` flag is not applied).
+         backend: str | None = None, bias=None, activation: str | None = None):
+    """Bind :data:`spmm_p` on the *stored* matrix of ``a`` (its ``.T`` flag is not applied), or
+    :data:`spmm_fused_p` with a ``bias`` (one per row of ``op(A)``) or an ``activation``.
 
-    Lower level than :func:`matmul`: ``b`` must be 2-D with ``a``'s dtype.
+    Lower level than :func:`matmul`: ``b`` must be 2-D with ``a``'s dtype, ``bias`` too.
     """
     if not isinstance(a, SparseMatrix):
         raise TypeError(f"spmm: a must be a jaxsparse matrix, got {type(a).__name__}")
     if layout not in _LAYOUTS:
         raise ValueError(f"spmm: layout must be one of {_LAYOUTS}, got layout={layout!r}")
+    params = dict(transpose_a=bool(transpose_a), layout=layout,
+                  backend=_config.resolve_backend(backend), **a._prim_params())
     n = b.shape[1] if layout == "kn" else b.shape[0]
     if getattr(a, "matvec", None) is not None and not transpose_a and n == 1 and \
             a.dtype == jnp.float32 and b.dtype == jnp.float32:
         from jaxsparse._pack import sell_spmv  # a packed matrix-vector product
-        return sell_spmv(a, b, layout=layout, backend=_config.resolve_backend(backend))
-    return spmm_p.bind(a.values, *a.pattern_arrays, b, transpose_a=bool(transpose_a),
-                       layout=layout, backend=_config.resolve_backend(backend),
-                       **a._prim_params())
+        out = sell_spmv(a, b, layout=layout, backend=params["backend"])
+        return _epilogue(out, bias, activation, layout)
+    if bias is None and activation is None:
+        return spmm_p.bind(a.values, *a.pattern_arrays, b, **params)
+    has_bias = bias is not None
+    if not has_bias:
+        bias = jnp.zeros((0,), a.dtype)
+    return _fused(tuple(sorted(params.items())), activation, has_bias, a.values,
+                  tuple(a.pattern_arrays), bias, b)
+
+
+def _epilogue(out, bias, activation, layout):
+    """``activation(out + bias)`` with XLA operations; bias runs along out's features."""
+    if bias is not None:
+        out = out + (bias[:, None] if layout == "kn" else bias[None, :])
+    return out if activation is None else ACTIVATIONS[activation](out)
+
+
+def _unfused(params, activation, has_bias, data, pattern, bias, b):
+    """What :data:`spmm_fused_p` computes, as spmm_p and XLA operations (half types: the bias
+    and the activation in float32, rounded once)."""
+    params = dict(params)
+    out = spmm_p.bind(data, *pattern, b, **params)
+    cd = compute_dtype(out.dtype)
+    out = _epilogue(out.astype(cd), bias.astype(cd) if has_bias else None, activation,
+                    params["layout"])
+    return out.astype(data.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _fused(params, activation, has_bias, data, pattern, bias, b):
+    return spmm_fused_p.bind(data, *pattern, bias, b, activation=activation, has_bias=has_bias,
+                             **dict(params))
+
+
+@_fused.defjvp
+def _fused_jvp(params, activation, has_bias, primals, tangents):
+    # Differentiate the unfused composition: spmm_p's JVP / transpose rules, jax.nn's activations.
+    return jax.jvp(functools.partial(_unfused, params, activation, has_bias), primals, tangents)
 
 
 def _bind_like(params, data, pattern, b, **overrides):
@@ -279,6 +362,26 @@ def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backen
     return out_aval(out_shape, data.dtype, data, *rest)
 
 
+def _fused_abstract_eval(data, *rest, activation, has_bias, **params):
+    *pattern, bias, b = rest
+    out = _spmm_abstract_eval(data, *pattern, b, **params)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"spmm: activation must be None or one of {tuple(ACTIVATIONS)}, got "
+                         f"activation={activation!r}")
+    features = params["shape"][1] if params["transpose_a"] else params["shape"][0]
+    want = (features,) if has_bias else (0,)
+    if bias.shape != want or bias.dtype != data.dtype:
+        raise ValueError(f"spmm: bias must be {want} of dtype {data.dtype} (has_bias={has_bias}), "
+                         f"got bias.shape={bias.shape}, bias.dtype={bias.dtype}")
+    return out
+
+
+def spmm_fused_reference(data, *rest, activation, has_bias, **params):
+    """:data:`spmm_fused_p` as :data:`spmm_p` (lowered for its backend) and XLA operations."""
+    *pattern, bias, b = rest
+    return _unfused(tuple(params.items()), activation, has_bias, data, pattern, bias, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # Autodiff
 
@@ -329,24 +432,24 @@ def _spmm_transpose(ct, data, *rest, fmt, shape, nm, transpose_a, layout, backen
 # Batching
 
 
-def _spmm_batch(args, dims, *, fmt, shape, nm, transpose_a, layout, backend):
-    params = dict(fmt=fmt, shape=shape, nm=nm, transpose_a=transpose_a, layout=layout,
-                  backend=backend)
+def _spmm_batch(args, dims, *, prim=spmm_p, **params):
+    """Batching of spmm_p and spmm_fused_p (whose bias comes before b, with the sparse operand)."""
     *sparse_args, b = args
     *sparse_dims, b_dim = dims
+    layout = params["layout"]
     if all(d is None for d in sparse_dims):
         # Batched dense operand only: fold the batch into the N dimension (one kernel call).
         b = jnp.moveaxis(b, b_dim, 0)
         nb = b.shape[0]
         if layout == "nk":
             rows, kk = b.shape[1:]
-            out = spmm_p.bind(*sparse_args, b.reshape(nb * rows, kk), **params)
+            out = prim.bind(*sparse_args, b.reshape(nb * rows, kk), **params)
             return out.reshape(nb, rows, out.shape[-1]), 0
         kk, n = b.shape[1:]
         folded = jnp.moveaxis(b, 0, 1).reshape(kk, nb * n)
-        out = spmm_p.bind(*sparse_args, folded, **params)
+        out = prim.bind(*sparse_args, folded, **params)
         return out.reshape(out.shape[0], nb, n), 1
-    return map_over_batch(functools.partial(spmm_p.bind, **params), args, dims), 0
+    return map_over_batch(functools.partial(prim.bind, **params), args, dims), 0
 
 
 def map_over_batch(fn, args, dims):
@@ -386,3 +489,9 @@ def _default_lowering(ctx, *args, **params):
 
 
 mlir.register_lowering(spmm_p, _default_lowering)
+
+spmm_fused_p.def_impl(functools.partial(jax._src.dispatch.apply_primitive, spmm_fused_p))
+spmm_fused_p.def_abstract_eval(_fused_abstract_eval)
+batching.primitive_batchers[spmm_fused_p] = functools.partial(_spmm_batch, prim=spmm_fused_p)
+mlir.register_lowering(spmm_fused_p,
+                       mlir.lower_fun(spmm_fused_reference, multiple_results=False))

@@ -113,6 +113,50 @@ def test_isa_paths_agree(rng, fmt, dtype):
                 assert_close(o, outs[0].astype(np.float64), dtype)
 
 
+def test_epilogue_paths(rng):
+    """The fused bias + activation on every path of the kernels (N = 1: along the output vector;
+    37 = vectors and a tail, 5 = a tail only; the nk token slices and chunks of 117 and 300
+    columns), each instruction set, float32; bfloat16 and float64 (the portable build) for gelu.
+    Against float64 NumPy."""
+    from test_spmm import activation_reference
+
+    def fused(layout, activation):
+        if layout == "kn":
+            return jax.jit(lambda a, x, b: jaxsparse.matmul(a, x, bias=b, activation=activation,
+                                                            backend="ffi"))
+        return jax.jit(lambda a, x, b: jaxsparse.matmul(x, a.T, bias=b, activation=activation,
+                                                        backend="ffi"))
+
+    cases = [(jnp.float32, 37, act) for act in (None, *jaxsparse.ACTIVATIONS)]
+    cases += [(jnp.float32, n, act) for n in (1, 5, 117, 300) for act in (None, "gelu")]
+    cases += [(dtype, 37, "gelu") for dtype in (jnp.bfloat16, jnp.float64)]
+    for dtype, n, activation in cases:
+        a, _ = _skewed(rng, (40, 72), "csr", dtype)
+        bias, bias64 = rounded(rng.standard_normal(40) * 2, dtype)
+        for (_, x, prod), layout in zip(_products(a, n, rng, dtype), ("kn", "nk")):
+            pre = prod + (bias64[:, None] if layout == "kn" else bias64)
+            expected = activation_reference(activation, pre)
+            for name in ISAS if dtype == jnp.float32 else ["auto"]:
+                with isa(name):
+                    out = fused(layout, activation)(a, x, bias)
+                assert out.dtype == dtype
+                assert_close(out, expected, dtype)
+
+
+def test_epilogue_bad_bias_in_ffi_call():
+    """The kernel checks the bias it is handed (the Python API never passes a wrong one)."""
+    a = jaxsparse.CSR.fromdense(jnp.eye(4, dtype=jnp.float32))
+    out = jax.ShapeDtypeStruct((4, 2), jnp.float32)
+    call = jax.ffi.ffi_call("jaxsparse_csr_spmm", out)
+    with pytest.raises(Exception, match=r"csr_spmm: bias must hold 4 values of the output's "
+                                        r"dtype, got 3"):
+        call(a.values, a.indices, a.indptr, jnp.ones((4, 2), jnp.float32),
+             jnp.ones(3, jnp.float32), nk=np.bool_(False), act=np.int64(0))
+    with pytest.raises(Exception, match="csr_spmm: unknown activation code 9"):
+        call(a.values, a.indices, a.indptr, jnp.ones((4, 2), jnp.float32),
+             jnp.ones(0, jnp.float32), nk=np.bool_(False), act=np.int64(9))
+
+
 # Operand layouts of sddmm's kernel: lhs [M, K] or [K, M], rhs [K, N] or [N, K] (the transposes
 # are folded into the call inside jit and done by the kernel).
 _SDDMM_LAYOUTS = {

@@ -20,6 +20,24 @@ SHAPES = [(1, 1, 1), (7, 96, 40), (16, 32, 8), (12, 8, 1)]
 FORMS = ("A@X", "X@A", "x@W.T", "A.T@X")
 
 
+def activation_reference(name, z):
+    """jaxsparse.ACTIVATIONS[name] in float64 NumPy / SciPy."""
+    from scipy.special import erfc
+
+    z = np.asarray(z, np.float64)
+    if name is None:
+        return z
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "gelu":
+        return 0.5 * z * erfc(-z / np.sqrt(2.0))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z ** 3)))
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    raise ValueError(name)
+
+
 def _operands(rng, form, shape, density, fmt, dtype):
     """(sparse operand, dense operand, float64 expected) for one product form."""
     m, k, n = shape
@@ -164,6 +182,76 @@ class SpmmTestBase:
         expected_vals = a.with_values(jnp.ones_like(a.values))
         mask = np.asarray(expected_vals.todense()) != 0
         assert_close(a.with_values(g_vals).todense(), np.where(mask, g_dense, 0), jnp.float64)
+
+    @pytest.mark.parametrize("fmt", FORMATS)
+    def test_bias_activation(self, rng, fmt, activation="gelu"):
+        """matmul(..., bias=, activation=) = activation(product + bias), bias per output feature,
+        in both layouts, N = 37 (vectors and a tail) and N = 1; a vector operand without bias.
+        (Other dtypes and the kernels' paths: test_ffi.py.)"""
+        for form, n in (("A@X", 37), ("x@W.T", 37), ("x@W.T", 1)):
+            a, x, prod = _operands(rng, form, (24, 64, n), 0.3, fmt, jnp.float32)
+            features = prod.shape[0] if form == "A@X" else prod.shape[1]
+            bias, bias64 = rounded(rng.standard_normal(features), jnp.float32)
+            pre = prod + (bias64[:, None] if form == "A@X" else bias64)
+            fn = jax.jit(lambda a, x, b: self.product_with(form, a, x, bias=b,
+                                                           activation=activation))
+            out = self.call(fn, a, x, bias)
+            assert out.dtype == jnp.float32
+            assert_close(out, activation_reference(activation, pre), jnp.float32)
+        a, x, prod = _operands(rng, "A@X", (24, 64, 1), 0.3, fmt, jnp.float32)
+        out = self.call(lambda: jaxsparse.matmul(a, x[:, 0], activation=activation,
+                                                 backend=self.backend))
+        assert_close(out, activation_reference(activation, prod[:, 0]), jnp.float32)
+
+    @pytest.mark.parametrize("activation", [None, *jaxsparse.ACTIVATIONS])
+    def test_activations(self, rng, activation):
+        a, x, prod = _operands(rng, "x@W.T", (24, 64, 37), 0.3, "csr", jnp.float32)
+        bias, bias64 = rounded(rng.standard_normal(prod.shape[1]) * 2, jnp.float32)
+        out = self.call(jax.jit(lambda a, x, b: self.product_with(
+            "x@W.T", a, x, bias=b, activation=activation)), a, x, bias)
+        assert_close(out, activation_reference(activation, prod + bias64), jnp.float32)
+
+    def product_with(self, form, a, x, **epilogue):
+        if form == "A@X":
+            return jaxsparse.matmul(a, x, backend=self.backend, **epilogue)
+        return jaxsparse.matmul(x, a, backend=self.backend, **epilogue)
+
+    def test_bias_activation_grads_and_vmap(self, rng, activation="gelu"):
+        """Gradients (values, input, bias) are those of the unfused composition, checked against
+        the dense float64 one; vmap over the input folds into the fused call."""
+        a, x, _ = _operands(rng, "x@W.T", (6, 8, 3), 0.5, "csr", jnp.float64)  # x [3, 6] @ [6, 8]
+        bias = rng.standard_normal(8)
+        act = jaxsparse.ACTIVATIONS[activation]
+
+        def f(values, x, b):
+            return self.product_with("x@W.T", a.with_values(values), x, bias=b,
+                                     activation=activation)
+
+        self.call(check_grads, f, (a.values, x, bias), 1, ("fwd", "rev"))
+        a64 = np.asarray(a.todense())
+        ct = rng.standard_normal((3, 8))
+        g_dense = jax.grad(lambda ad, x, b: jnp.sum(act(x @ ad + b) * ct), (0, 1, 2))(
+            jnp.asarray(a64), x, bias)
+        g_vals, gx, gb = jax.grad(lambda v, x, b: jnp.sum(f(v, x, b) * ct), (0, 1, 2))(
+            a.values, x, bias)
+        assert_close(gx, g_dense[1], jnp.float64)
+        assert_close(gb, g_dense[2], jnp.float64)
+        mask = np.asarray(a.with_values(jnp.ones_like(a.values)).todense()) != 0
+        assert_close(a.with_values(g_vals).todense(), np.where(mask, g_dense[0], 0), jnp.float64)
+        xs = rng.standard_normal((4, 3, 6))
+        out = self.call(jax.jit(jax.vmap(lambda x: f(a.values, x, bias))), xs)
+        assert_close(out, activation_reference(activation, xs @ a64 + bias), jnp.float64)
+
+    def test_bias_activation_errors(self, rng):
+        a, _ = random_sparse(rng, (8, 12), 0.5, "csr", jnp.float32)
+        x = jnp.ones((12, 3), jnp.float32)
+        with pytest.raises(ValueError, match=r"activation must be None or one of.*'tanh'"):
+            jaxsparse.matmul(a, x, activation="tanh")
+        with pytest.raises(ValueError, match=r"bias must have one value per output feature, "
+                                             r"shape \(8,\), got bias.shape=\(12,\)"):
+            jaxsparse.matmul(a, x, bias=jnp.ones(12))
+        with pytest.raises(ValueError, match=r"shape \(12,\), got bias.shape=\(8,\)"):
+            jaxsparse.matmul(jnp.ones((3, 8), jnp.float32), a, bias=jnp.ones(8))
 
     def test_dlmc_patterns(self, rng):
         for path in dlmc_files():

@@ -2,8 +2,8 @@
 
 The C++ extension ``_jaxsparse_cpu`` (built from ``cpp/`` by ``pip install``) exposes one FFI
 handler per kernel. Importing this module registers them with XLA and installs CPU lowerings of
-``spmm_p``/``sddmm_p`` that call them where a kernel applies, and the pure-JAX reference elsewhere.
-When the extension is missing (a source checkout that was never built, say) jaxsparse still works
+``spmm_p``/``spmm_fused_p``/``sddmm_p`` that call them where a kernel applies, and the pure-JAX
+reference elsewhere. When the extension is missing (a source checkout that was never built, say) jaxsparse still works
 on the reference path; :data:`AVAILABLE` is False and :data:`UNAVAILABLE_REASON` says why.
 """
 
@@ -18,7 +18,7 @@ from jax.interpreters import mlir
 
 from jaxsparse._pack import _via_csr, sell_spmv_p
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
-from jaxsparse._spmm import spmm_p, spmm_reference
+from jaxsparse._spmm import spmm_fused_p, spmm_fused_reference, spmm_p, spmm_reference
 
 try:
     from jaxsparse.ffi import _jaxsparse_cpu
@@ -91,19 +91,30 @@ def _require():
 # partitioner would have nothing to split.
 
 
-def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, **_):
+# The codes of the activations the kernels fuse (enum Act, cpp/isa.h).
+_ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, activation=None,
+                 has_bias=None, **_):
+    """spmm_p, or spmm_fused_p (has_bias set: the operands hold the bias before b)."""
     del transpose_a  # the selector only sends transpose_a=False here
-    *pattern, b = rest
+    if has_bias is None:
+        *pattern, b = rest
+        bias = jnp.zeros((0,), data.dtype)
+    else:
+        *pattern, bias, b = rest
     nk = layout == "nk"
     n = b.shape[0] if nk else b.shape[1]
     out_shape = (n, shape[0]) if nk else (shape[0], n)
     out_type = jax.ShapeDtypeStruct(out_shape, data.dtype)
+    attrs = dict(nk=np.bool_(nk), act=np.int64(_ACT_CODES[activation]))
     if fmt == "nm":
         (positions,) = pattern
         return jax.ffi.ffi_call("jaxsparse_nm_spmm", out_type)(
-            data, positions.astype(jnp.uint8), b, n=np.int64(nm[0]), m=np.int64(nm[1]),
-            nk=np.bool_(nk))
-    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_spmm", out_type)(data, *pattern, b, nk=np.bool_(nk))
+            data, positions.astype(jnp.uint8), b, bias, n=np.int64(nm[0]), m=np.int64(nm[1]),
+            **attrs)
+    return jax.ffi.ffi_call(f"jaxsparse_{fmt}_spmm", out_type)(data, *pattern, b, bias, **attrs)
 
 
 def _sell_native(data, indices, indptr, *rest, shape, layout, **_):
@@ -171,6 +182,8 @@ def _register():
     else:
         warnings.warn(UNAVAILABLE_REASON, RuntimeWarning, stacklevel=3)
     mlir.register_lowering(spmm_p, _cpu_lowering(_spmm_kernel, spmm_reference), platform="cpu")
+    mlir.register_lowering(spmm_fused_p, _cpu_lowering(_spmm_kernel, spmm_fused_reference),
+                           platform="cpu")
     mlir.register_lowering(sddmm_p, _cpu_lowering(_sddmm_kernel, sddmm_reference), platform="cpu")
     mlir.register_lowering(sell_spmv_p, _cpu_lowering(_sell_kernel, _via_csr), platform="cpu")
 
