@@ -1,6 +1,7 @@
 """SparseLinear / SparseMLP / SparseDense against dense Flax layers holding the masked weights,
 under nnx.jit, jax.jit, nnx.vmap, jax.vmap and grad; sparsify / densify / save and load."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -129,6 +130,30 @@ def test_mlp(rng):
             np.testing.assert_array_equal(np.asarray(layer.mask()).T, np.asarray(keep))
             np.testing.assert_allclose(np.asarray(layer.masked_kernel()).T, np.asarray(w),
                                        rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation, fused", [
+    (jax.nn.relu, "relu"), (functools.partial(jax.nn.gelu, approximate=False), "gelu"),
+    ("gelu_tanh", "gelu_tanh"), (jax.nn.silu, "silu"), (jnp.tanh, None)])
+def test_mlp_activations(rng, activation, fused):
+    """The activations the kernels know run inside fc1's product (SparseLinear(x, activation=));
+    any other callable is applied in between. Both equal the dense twin."""
+    from jaxsparse.layers._linear import fused_activation
+
+    assert fused_activation(activation) == fused
+    mlp = SparseMLP(16, 32, activation=activation, sparsity=0.8, rngs=nnx.Rngs(0))
+    fc1, fc2 = dense_twin(mlp.fc1), dense_twin(mlp.fc2)
+    act = jaxsparse.ACTIVATIONS[activation] if isinstance(activation, str) else activation
+    x = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
+    np.testing.assert_allclose(CALL(mlp, x), jax.jit(lambda x: fc2(act(fc1(x))))(x),
+                               rtol=2e-5, atol=2e-5)
+    if fused is not None:
+        np.testing.assert_allclose(CALL(mlp.fc1, x), jax.jit(lambda x: fc1(x))(x),
+                                   rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(mlp.fc1(x, activation=fused), act(fc1(x)), rtol=2e-5,
+                                   atol=2e-5)
+    with pytest.raises(ValueError, match=r"activation must be a callable or one of .*'tanh'"):
+        SparseMLP(16, 32, activation="tanh", rngs=nnx.Rngs(0))
 
 
 def test_errors():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -13,9 +14,10 @@ from flax.nnx.nn import dtypes, initializers
 from jaxsparse import prune as _prune
 from jaxsparse._formats import BSR, CSR, INDEX_DTYPE, NM, POSITION_DTYPE, SparseMatrix
 from jaxsparse._pack import pack
-from jaxsparse._spmm import matmul
+from jaxsparse._spmm import ACTIVATIONS, matmul
 
-__all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS"]
+__all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS",
+           "fused_activation"]
 
 METHODS = ("magnitude", "block", "n:m", "wanda", "sparsegpt")
 CALIBRATED = ("wanda", "sparsegpt")  # the methods that need the layer's inputs
@@ -267,7 +269,11 @@ class SparseLinear(nnx.Module):
         return lin
 
     # -- forward --------------------------------------------------------------------------------
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, *, activation: str | None = None) -> jax.Array:
+        """``inputs @ W.T + b``, or ``activation(inputs @ W.T + b)`` with ``activation`` one of
+        :data:`jaxsparse.ACTIVATIONS` (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``):
+        the CPU kernel then adds the bias and applies the activation to each block of the output
+        while it is in cache."""
         inputs = jnp.asarray(inputs)
         if inputs.ndim == 0 or inputs.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: inputs.shape[-1]="
@@ -278,14 +284,37 @@ class SparseLinear(nnx.Module):
         inputs, data, bias = dtypes.promote_dtype((inputs, weight.values, bias), dtype=self.dtype)
         weight = weight.with_values(data)
         # x @ W.T on the stored [out, in] W: spmm layout "nk", leading dims folded into one.
-        y = matmul(inputs, weight.T)
-        if bias is not None:
-            y = y + bias
-        return y
+        return matmul(inputs, weight.T, bias=bias, activation=activation)
+
+
+def fused_activation(activation) -> str | None:
+    """The name in :data:`jaxsparse.ACTIVATIONS` of ``activation`` (a name, or ``jax.nn.relu``,
+    ``jax.nn.gelu`` with either ``approximate``, ``jax.nn.silu`` / ``swish``), or None when the
+    kernels cannot apply it."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be a callable or one of {tuple(ACTIVATIONS)}, "
+                             f"got activation={activation!r}")
+        return activation
+    if activation is jax.nn.relu:
+        return "relu"
+    if activation is jax.nn.silu or activation is jax.nn.swish:
+        return "silu"
+    gelu_kw = {}
+    if isinstance(activation, functools.partial) and activation.func is jax.nn.gelu \
+            and not activation.args and set(activation.keywords) <= {"approximate"}:
+        gelu_kw, activation = activation.keywords, activation.func
+    if activation is jax.nn.gelu:
+        return "gelu_tanh" if gelu_kw.get("approximate", True) else "gelu"
+    return None
 
 
 class SparseMLP(nnx.Module):
     """Transformer feed-forward block ``fc2(activation(fc1(x)))`` with two :class:`SparseLinear`.
+
+    ``activation`` is a callable or a name of :data:`jaxsparse.ACTIVATIONS`; the ones the CPU
+    kernels know (see :func:`fused_activation`; the default ``jax.nn.gelu`` is ``"gelu_tanh"``)
+    are applied inside ``fc1``'s product, with its bias.
 
     >>> mlp = SparseMLP(8, 32, sparsity=0.9, rngs=nnx.Rngs(0))
     >>> mlp(jnp.ones((4, 8), jnp.float32)).shape
@@ -293,7 +322,7 @@ class SparseMLP(nnx.Module):
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
-                 *, activation: Callable = jax.nn.gelu, use_bias: bool = True, dtype: Any = None,
+                 *, activation: Callable | str = jax.nn.gelu, use_bias: bool = True, dtype: Any = None,
                  param_dtype: Any = jnp.float32, sparsity: float | None = 0.0,
                  method: str | None = None, format: str = "csr", block_size=None, n_m=None,
                  kernel_init: Callable = default_kernel_init,
@@ -306,21 +335,27 @@ class SparseMLP(nnx.Module):
                       kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
             _layers = (SparseLinear(in_features, hidden_features, **kw),
                        SparseLinear(hidden_features, out_features, **kw))
+        fused_activation(activation)  # a name must be one of ACTIVATIONS
         self.fc1, self.fc2 = _layers
         self.activation = activation
 
     @classmethod
-    def from_dense(cls, fc1: nnx.Linear, fc2: nnx.Linear, *, activation: Callable = jax.nn.gelu,
+    def from_dense(cls, fc1: nnx.Linear, fc2: nnx.Linear, *,
+                   activation: Callable | str = jax.nn.gelu,
                    **prune_kwargs) -> "SparseMLP":
         """Prune two ``nnx.Linear`` layers (``from_dense`` options apply to both). A
         ``calibration`` array holds the MLP's inputs: ``fc2`` is calibrated on
         ``activation(fc1(calibration))`` with the dense ``fc1``."""
         calibration = prune_kwargs.pop("calibration", None)
-        hidden = None if calibration is None else activation(fc1(jnp.asarray(calibration)))
+        act = ACTIVATIONS[activation] if isinstance(activation, str) else activation
+        hidden = None if calibration is None else act(fc1(jnp.asarray(calibration)))
         layers = (SparseLinear.from_dense(fc1, calibration=calibration, **prune_kwargs),
                   SparseLinear.from_dense(fc2, calibration=hidden, **prune_kwargs))
         return cls(fc1.in_features, fc1.out_features, fc2.out_features, activation=activation,
                    _layers=layers)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        fused = fused_activation(self.activation)
+        if fused is not None:
+            return self.fc2(self.fc1(x, activation=fused))
         return self.fc2(self.activation(self.fc1(x)))
