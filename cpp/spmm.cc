@@ -10,6 +10,8 @@
 // out[:, rows] while still in cache; with 48 tokens or more per thread, tasks are instead slices
 // of the tokens through all of A, each transposing its own slice of B into a panel of its own.
 // N = 1 (a matrix-vector product; both layouts are the same memory) takes a gather-based SpMV.
+// A fused bias and activation (matmul(..., bias=, activation=)) are applied to each block of out
+// right after it is computed (nk: to the thread-local block, before its transpose).
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -48,9 +50,18 @@ struct Epilogue {
   // Rows [r0, r0 + rows) of A, their columns [0, cols) of the product in c (row stride ldc).
   void Apply(const IsaKernels& kern, int dt, void* c, int64_t r0, int64_t rows, int64_t cols,
              int64_t ldc) const {
+    if (Active()) kern.epilogue(dt, c, rows, cols, ldc, BiasFrom(r0, dt), true, act);
+  }
+  // N = 1: elements [r0, r0 + count) of the output vector y, the bias running along them.
+  void ApplyToVector(const IsaKernels& kern, int dt, void* y, int64_t r0, int64_t count) const {
     if (!Active()) return;
-    const void* b = bias == nullptr ? nullptr : static_cast<const char*>(bias) + r0 * DtSize(dt);
-    kern.epilogue(dt, c, rows, cols, ldc, b, true, act);
+    kern.epilogue(dt, static_cast<char*>(y) + r0 * DtSize(dt), 1, count, count, BiasFrom(r0, dt),
+                  false, act);
+  }
+
+ private:
+  const void* BiasFrom(int64_t r0, int dt) const {
+    return bias == nullptr ? nullptr : static_cast<const char*>(bias) + r0 * DtSize(dt);
   }
 };
 
@@ -167,12 +178,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     ParallelFor(pool, n_parts, [&](int64_t q) {
       if (!valid(q)) return;
       kern.spmv_rows(p, x, parts[q], parts[q + 1], out);
-      if (ep.Active()) {  // one row of out: the bias runs along it
-        const int64_t r0 = parts[q] * bm, cnt = (parts[q + 1] - parts[q]) * bm;
-        const void* bias = ep.bias == nullptr ? nullptr
-                                              : static_cast<const char*>(ep.bias) + r0 * esz;
-        kern.epilogue(p.dt, static_cast<char*>(out) + r0 * esz, 1, cnt, cnt, bias, false, ep.act);
-      }
+      ep.ApplyToVector(kern, p.dt, out, parts[q] * bm, (parts[q + 1] - parts[q]) * bm);
     });
     return first_bad.Get();
   }

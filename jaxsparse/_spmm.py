@@ -129,12 +129,9 @@ def _sparse_dense(a: SparseMatrix, x, backend: str, epilogue=None):
                          f"dense b.shape={x.shape} (need b.shape[-2] == {k}, or b.shape == ({k},))")
     if x.ndim == 1:
         return _sparse_dense(a, x[:, None], backend, epilogue)[:, 0]
-    if epilogue is None:
-        fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend)
-    else:
-        bias, act = _bias(epilogue, a, m), epilogue[1]
-        fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend,
-                             bias=bias, activation=act)
+    bias, act = (None, None) if epilogue is None else (_bias(epilogue, a, m), epilogue[1])
+    fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend,
+                         bias=bias, activation=act)
     for _ in range(x.ndim - 2):
         fn = jax.vmap(fn)
     return fn(x)
@@ -373,7 +370,7 @@ def _fused_abstract_eval(data, *rest, activation, has_bias, **params):
     if bias.shape != want or bias.dtype != data.dtype:
         raise ValueError(f"spmm: bias must be {want} of dtype {data.dtype} (has_bias={has_bias}), "
                          f"got bias.shape={bias.shape}, bias.dtype={bias.dtype}")
-    return out
+    return out_aval(out.shape, out.dtype, data, *rest)  # the bias may vary over manual axes too
 
 
 def spmm_fused_reference(data, *rest, activation, has_bias, **params):
