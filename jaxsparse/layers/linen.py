@@ -97,8 +97,7 @@ class SparseDense(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         inputs, data, bias = nn.dtypes.promote_dtype(inputs, w.values, bias, dtype=self.dtype)
-        y = matmul(inputs, w.with_values(data).T)
-        return y + bias if bias is not None else y
+        return matmul(inputs, w.with_values(data).T, bias=bias)  # the kernel adds the bias
 
     @staticmethod
     def variables_from_dense(kernel, bias=None, *, sparsity: float = 0.0, n_m=None) -> dict:
