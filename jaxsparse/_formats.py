@@ -663,6 +663,16 @@ def _fail_if(ok, callback, diag):
     jax.lax.cond(ok, lambda d: None, lambda d: jax.debug.callback(callback, d), diag)
 
 
+def gathered(x):
+    """``x`` with the mesh axes its type is sharded over (``AxisType.Explicit``) gathered: the
+    reference implementations' gathers and scatters (``segment_sum``) cannot carry them, so on
+    such a mesh they compute replicated, as the native kernels' custom calls do."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if not spec or all(s is None for s in spec):
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
 def check_pattern_runtime(pattern, fmt: str, shape, nm=None, block=None, *, where: str):
     """Raise (at run time, from inside ``jit``) if the pattern arrays are malformed.
 

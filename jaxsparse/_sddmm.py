@@ -21,7 +21,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.extend.core import Primitive
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, check_pattern_runtime, row_ids
+from jaxsparse._formats import SparseMatrix, check_pattern_runtime, gathered, row_ids
 from jaxsparse._spmm import (check_bsr_blocks, check_pattern, compute_dtype, coo_index,
                              map_over_batch, out_aval, spmm_p)
 
@@ -92,6 +92,7 @@ def sddmm_reference(lhs, rhs, *pattern, fmt, shape, nm, block, transpose_lhs, tr
                     backend=None):
     """Pure-JAX SDDMM with the semantics of :data:`sddmm_p` (the pattern is checked at run time
     first, see :func:`jaxsparse._formats.check_pattern_runtime`)."""
+    lhs, rhs, *pattern = (gathered(x) for x in (lhs, rhs, *pattern))
     check_pattern_runtime(pattern, fmt, shape, nm, block, where="sddmm")
     out_dtype = lhs.dtype
     cd = compute_dtype(out_dtype)

@@ -30,7 +30,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxsparse import _config
-from jaxsparse._formats import SparseMatrix, check_pattern_runtime, nm_columns, row_ids
+from jaxsparse._formats import (SparseMatrix, check_pattern_runtime, gathered, nm_columns,
+                                row_ids)
 
 __all__ = ["spmm_p", "spmm_fused_p", "matmul", "spmm", "ACTIVATIONS"]
 
@@ -241,7 +242,7 @@ def spmm_reference(data, *rest, fmt, shape, nm, transpose_a, layout, backend=Non
     or Inf of ``b`` contributes nothing (a dense product would give NaN); a stored zero does give
     NaN, as in a dense product.
     """
-    *pattern, b = rest
+    data, *pattern, b = (gathered(x) for x in (data, *rest))
     block = data.shape[1:] if fmt == "bsr" else None
     check_pattern_runtime(pattern, fmt, shape, nm, block, where="spmm")
     out_dtype = data.dtype

@@ -5,10 +5,11 @@ test process has already initialised it, so the multi-device cases run in one ch
 file run as a script) that prints one JSON line per case; the tests assert on those lines.
 ``split_rows`` itself is tested in-process.
 
-Known gap: the mesh uses ``AxisType.Auto``. On a mesh with ``AxisType.Explicit`` axes (the default
-of ``jax.make_mesh`` in recent jax) the pure-JAX reference lowering fails to trace with a
-``ShardingTypeError`` (its scatter has no ``out_sharding``), and ``lax.map`` over a sharded batch
-refuses a sharded leading axis; the native CPU kernel path works there.
+The cases use an ``AxisType.Auto`` mesh, but for the ``explicit-mesh`` ones: on ``AxisType.Explicit``
+axes (the default of ``jax.make_mesh``) the products are computed replicated (the reference path
+gathers the operands its types shard, ``jaxsparse._formats.gathered``; the native kernels' custom
+calls take them whole) and their outputs are replicated. Still a gap there: ``lax.map`` over a
+sharded batch of sparse values refuses a sharded leading axis.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def _child_cases():
     from jaxsparse.sharding import local, split_rows
 
     assert len(jax.devices()) == N_DEV, jax.devices()
-    # Auto axes (GSPMD propagation). With jax's Explicit axes (sharding in types) the pure-JAX
-    # reference lowering does not trace yet: see the module docstring.
+    # Auto axes (GSPMD propagation); Explicit axes: the explicit-mesh cases.
     mesh = jax.make_mesh((N_DEV,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     rng = np.random.default_rng(0)
     # The parent names the backends (on CPU "auto" only picks between the native kernels and the
@@ -141,6 +141,30 @@ def _child_cases():
                 g = jax.jit(jax.grad(lambda v: jnp.sum(mlp(x, w1s.with_values(v), w2s) ** 2)))(
                     w1s.values)
                 assert g.shape == w1s.values.shape and np.isfinite(np.asarray(g)).all()
+        @case(f"explicit-mesh-{backend}")
+        def _(backend=backend):
+            explicit = jax.make_mesh((N_DEV,), ("x",),
+                                     axis_types=(jax.sharding.AxisType.Explicit,))
+            w, w64 = sparse((16, 12), "csr")
+            x = rng.standard_normal((8, 12))
+            bias = rng.standard_normal(16)
+            xs = jax.device_put(x, NamedSharding(explicit, P("x", None)))
+            with jax.set_mesh(explicit):
+                check(jax.jit(lambda w, x: jaxsparse.matmul(x, w.T, backend=backend))(w, xs),
+                      x @ w64.T)
+                check(jax.jit(lambda w, x: jaxsparse.matmul(w, x.T, backend=backend))(w, xs),
+                      w64 @ x.T)
+                fused = jax.jit(lambda w, x: jaxsparse.matmul(x, w.T, bias=bias,
+                                                              activation="relu", backend=backend))
+                check(fused(w, xs), np.maximum(x @ w64.T + bias, 0))
+                g = jax.jit(jax.grad(lambda v, x: jnp.sum(
+                    jaxsparse.matmul(x, w.with_values(v).T, backend=backend) ** 2)))(w.values, xs)
+                stored = np.asarray(w.with_values(jnp.ones_like(w.values)).todense()) != 0
+                check(w.with_values(g).todense(), np.where(stored, 2 * (x @ w64.T).T @ x, 0))
+                p, _ = sparse((12, 12), "csr")
+                out = jax.jit(lambda x: jaxsparse.sddmm(x.T, x, p, backend=backend).values)(xs)
+                pat = np.asarray(p.with_values(jnp.ones_like(p.values)).todense()) != 0
+                check(p.with_values(out).todense(), np.where(pat, x.T @ x, 0))
     return cases
 
 
@@ -205,6 +229,7 @@ def test_multi_device_cases(backends):
     assert any(k.startswith("tensor-parallel-mlp") and v["ok"] for k, v in child_results.items())
     assert any(k.startswith("shard_map-batch") and v["ok"] for k, v in child_results.items())
     assert any(k.startswith("sddmm") and v["ok"] for k, v in child_results.items())
+    assert any(k.startswith("explicit-mesh") and v["ok"] for k, v in child_results.items())
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr"])
