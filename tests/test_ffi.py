@@ -128,7 +128,7 @@ def test_epilogue_paths(rng):
                                                         backend="ffi"))
 
     cases = [(jnp.float32, 37, act) for act in (None, *jaxsparse.ACTIVATIONS)]
-    cases += [(jnp.float32, n, act) for n in (1, 5, 117, 300) for act in (None, "gelu")]
+    cases += [(jnp.float32, n, "gelu") for n in (1, 5, 117, 300)]
     cases += [(dtype, 37, "gelu") for dtype in (jnp.bfloat16, jnp.float64)]
     for dtype, n, activation in cases:
         a, _ = _skewed(rng, (40, 72), "csr", dtype)
