@@ -2,10 +2,10 @@
 
 Sparse formats (:class:`CSR`, :class:`BSR`, :class:`NM`), the primitives :data:`spmm_p`
 (:data:`spmm_fused_p`: with a bias and an activation) and :data:`sddmm_p` with autodiff and
-batching, and their public functions :func:`matmul` and :func:`sddmm`; sparse attention (:func:`attention`, :mod:`patterns`), pruning (:mod:`prune`), Flax
-layers (:mod:`layers`) and model sparsification (:func:`sparsify`, :func:`densify`,
-:func:`save_state`, :func:`load_state`). On CPU the primitives lower to native kernels through
-XLA FFI where available.
+batching, and their public functions :func:`matmul` and :func:`sddmm`; sparse attention
+(:func:`attention`, :mod:`patterns`), pruning (:mod:`prune`), Flax layers (:mod:`layers`) and
+model sparsification (:func:`sparsify`, :func:`densify`, :func:`save_state`, :func:`load_state`).
+On CPU the primitives lower to native kernels through XLA FFI where available.
 """
 
 from jaxsparse._config import BACKENDS, get_backend, use_backend
@@ -35,8 +35,8 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "BSR", "CSR", "NM", "PackedCSR", "SlicedMatvec", "SparseMatrix", "attention",
-    "densify", "dlmc", "ffi", "get_backend", "layers", "load_state", "matmul", "pack", "pallas",
-    "patterns", "prune", "save_state", "sddmm", "sddmm_p", "sharding", "sparsify", "spmm_fused_p",
-    "spmm_p", "use_backend",
+    "ACTIVATIONS", "BACKENDS", "BSR", "CSR", "NM", "PackedCSR", "SlicedMatvec", "SparseMatrix",
+    "attention", "densify", "dlmc", "ffi", "get_backend", "layers", "load_state", "matmul", "pack",
+    "pallas", "patterns", "prune", "save_state", "sddmm", "sddmm_p", "sharding", "sparsify",
+    "spmm_fused_p", "spmm_p", "use_backend",
 ]

@@ -87,7 +87,8 @@ def summary_lines(cases) -> list[str]:
         lines.append(f"| {name} | {need}x | {got:.2f}x | {'yes' if got >= need else '**no**'} |")
     lines += ["", f"MLP with the GELU applied by XLA between the sparse layers (not fused into "
               f"fc1's kernel): {mlp.times_ms['jaxsparse-unfused']:.3f} ms, "
-              f"{mlp.speedup('jaxsparse-unfused'):.2f}x (fused: {mlp.times_ms['jaxsparse']:.3f} ms).",
+              f"{mlp.speedup('jaxsparse-unfused'):.2f}x "
+              f"(fused: {mlp.times_ms['jaxsparse']:.3f} ms).",
               f"Peak memory (compiled): sparse {mem['jaxsparse']:.0f} MiB, dense "
               f"{mem['dense']:.0f} MiB."]
     for c in big:
