@@ -187,7 +187,7 @@ class SpmmTestBase:
     def test_bias_activation(self, rng, fmt, activation="gelu"):
         """matmul(..., bias=, activation=) = activation(product + bias), bias per output feature,
         in both layouts, N = 37 (vectors and a tail) and N = 1; a vector operand without bias.
-        (Other dtypes and the kernels' paths: test_ffi.py.)"""
+        (Each activation, other dtypes and the kernels' paths: test_ffi.py.)"""
         for form, n in (("A@X", 37), ("x@W.T", 37), ("x@W.T", 1)):
             a, x, prod = _operands(rng, form, (24, 64, n), 0.3, fmt, jnp.float32)
             features = prod.shape[0] if form == "A@X" else prod.shape[1]
@@ -202,14 +202,6 @@ class SpmmTestBase:
         out = self.call(lambda: jaxsparse.matmul(a, x[:, 0], activation=activation,
                                                  backend=self.backend))
         assert_close(out, activation_reference(activation, prod[:, 0]), jnp.float32)
-
-    @pytest.mark.parametrize("activation", [None, *jaxsparse.ACTIVATIONS])
-    def test_activations(self, rng, activation):
-        a, x, prod = _operands(rng, "x@W.T", (24, 64, 37), 0.3, "csr", jnp.float32)
-        bias, bias64 = rounded(rng.standard_normal(prod.shape[1]) * 2, jnp.float32)
-        out = self.call(jax.jit(lambda a, x, b: self.product_with(
-            "x@W.T", a, x, bias=b, activation=activation)), a, x, bias)
-        assert_close(out, activation_reference(activation, prod + bias64), jnp.float32)
 
     def product_with(self, form, a, x, **epilogue):
         if form == "A@X":
