@@ -94,10 +94,9 @@ def matmul(a, b, *, bias=None, activation: str | None = None, backend: str | Non
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"matmul: activation must be None or one of {tuple(ACTIVATIONS)}, got "
                          f"activation={activation!r}")
-    epilogue = None if bias is None and activation is None else (bias, activation)
     if a_sparse:
-        return _sparse_dense(a, b, backend, epilogue)
-    return _dense_sparse(a, b, backend, epilogue)
+        return _sparse_dense(a, b, backend, bias, activation)
+    return _dense_sparse(a, b, backend, bias, activation)
 
 
 def _promote(sp: SparseMatrix, x, where: str):
@@ -110,9 +109,8 @@ def _promote(sp: SparseMatrix, x, where: str):
     return (sp if sp.dtype == dtype else sp.astype(dtype)), x.astype(dtype)
 
 
-def _bias(epilogue, a: SparseMatrix, features: int):
-    """The epilogue's bias as a [features] array of a's dtype (None stays None)."""
-    bias = epilogue[0]
+def _bias(bias, a: SparseMatrix, features: int):
+    """``bias`` as a [features] array of a's dtype (None stays None)."""
     if bias is None:
         return None
     bias = jnp.asarray(bias)
@@ -122,32 +120,31 @@ def _bias(epilogue, a: SparseMatrix, features: int):
     return bias.astype(a.dtype)
 
 
-def _sparse_dense(a: SparseMatrix, x, backend: str, epilogue=None):
+def _sparse_dense(a: SparseMatrix, x, backend: str, bias=None, activation=None):
     a, x = _promote(a, x, "matmul")
     m, k = a.shape
     if x.ndim == 0 or x.shape[0 if x.ndim == 1 else -2] != k:
         raise ValueError(f"matmul: contraction dimensions do not match: sparse a.shape={a.shape}, "
                          f"dense b.shape={x.shape} (need b.shape[-2] == {k}, or b.shape == ({k},))")
     if x.ndim == 1:
-        return _sparse_dense(a, x[:, None], backend, epilogue)[:, 0]
-    bias, act = (None, None) if epilogue is None else (_bias(epilogue, a, m), epilogue[1])
+        return _sparse_dense(a, x[:, None], backend, bias, activation)[:, 0]
+    bias = _bias(bias, a, m)
     fn = lambda xx: spmm(a, xx, transpose_a=a.transposed, layout="kn", backend=backend,
-                         bias=bias, activation=act)
+                         bias=bias, activation=activation)
     for _ in range(x.ndim - 2):
         fn = jax.vmap(fn)
     return fn(x)
 
 
-def _dense_sparse(x, a: SparseMatrix, backend: str, epilogue=None):
+def _dense_sparse(x, a: SparseMatrix, backend: str, bias=None, activation=None):
     a, x = _promote(a, x, "matmul")
     m, k = a.shape
     if x.ndim == 0 or x.shape[-1] != m:
         raise ValueError(f"matmul: contraction dimensions do not match: dense a.shape={x.shape}, "
                          f"sparse b.shape={a.shape} (need a.shape[-1] == {m})")
     lead = x.shape[:-1]
-    bias, act = (None, None) if epilogue is None else (_bias(epilogue, a, k), epilogue[1])
     out = spmm(a, x.reshape(math.prod(lead), m), transpose_a=not a.transposed, layout="nk",
-               backend=backend, bias=bias, activation=act)
+               backend=backend, bias=_bias(bias, a, k), activation=activation)
     return out.reshape(*lead, k)
 
 
