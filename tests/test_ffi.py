@@ -143,18 +143,29 @@ def test_epilogue_paths(rng):
                 assert_close(out, expected, dtype)
 
 
-def test_epilogue_bad_bias_in_ffi_call():
-    """The kernel checks the bias it is handed (the Python API never passes a wrong one)."""
-    a = jaxsparse.CSR.fromdense(jnp.eye(4, dtype=jnp.float32))
-    out = jax.ShapeDtypeStruct((4, 2), jnp.float32)
-    call = jax.ffi.ffi_call("jaxsparse_csr_spmm", out)
+def test_bad_operands_in_ffi_call():
+    """The kernel checks the bias and shapes it is handed (the Python API never passes wrong ones)."""
+    a = jaxsparse.CSR.fromdense(jnp.eye(4, 6, dtype=jnp.float32))  # stored [4, 6]
+
+    def call(b, bias, out_shape=(4, 2), ta=False, act=0):
+        fn = jax.ffi.ffi_call("jaxsparse_csr_spmm", jax.ShapeDtypeStruct(out_shape, jnp.float32))
+        return fn(a.values, a.indices, a.indptr, b, bias, nk=np.bool_(False), ta=np.bool_(ta),
+                  act=np.int64(act))
+
     with pytest.raises(Exception, match=r"csr_spmm: bias must hold 4 values of the output's "
                                         r"dtype, got 3"):
-        call(a.values, a.indices, a.indptr, jnp.ones((4, 2), jnp.float32),
-             jnp.ones(3, jnp.float32), nk=np.bool_(False), act=np.int64(0))
+        call(jnp.ones((6, 2), jnp.float32), jnp.ones(3, jnp.float32))
     with pytest.raises(Exception, match="csr_spmm: unknown activation code 9"):
-        call(a.values, a.indices, a.indptr, jnp.ones((4, 2), jnp.float32),
-             jnp.ones(0, jnp.float32), nk=np.bool_(False), act=np.int64(9))
+        call(jnp.ones((6, 2), jnp.float32), jnp.ones(0, jnp.float32), act=9)
+    # A.T [6, 4] @ b: b must have 4 rows, and the bias 6 values.
+    with pytest.raises(Exception, match=r"csr_spmm: b's contracting dimension does not match "
+                                        r"A's 4 rows \(A transposed\)"):
+        call(jnp.ones((6, 2), jnp.float32), jnp.ones(0, jnp.float32), (6, 2), ta=True)
+    with pytest.raises(Exception, match=r"csr_spmm: bias must hold 6 values"):
+        call(jnp.ones((4, 2), jnp.float32), jnp.ones(4, jnp.float32), (6, 2), ta=True)
+    b = np.arange(8, dtype=np.float32).reshape(4, 2)
+    np.testing.assert_array_equal(call(jnp.asarray(b), jnp.ones(0, jnp.float32), (6, 2), ta=True),
+                                  np.eye(4, 6).T @ b)
 
 
 # Operand layouts of sddmm's kernel: lhs [M, K] or [K, M], rhs [K, N] or [N, K] (the transposes

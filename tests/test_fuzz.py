@@ -135,11 +135,12 @@ def test_matmul_matches_dense(data, dtype, form, backend, transform, n, batch):
         if got is None:
             return
         g_vals, g_x = got
+        nb = int(np.prod(batch))  # not -1 in the reshapes: n may be 0
         if sparse_left:  # out = A x: dA = ct x^T (summed over batch), dx = A^T ct
-            dense_grad = np.einsum("bmn,bkn->mk", ct.reshape(-1, m, n), x64.reshape(-1, k, n))
+            dense_grad = np.einsum("bmn,bkn->mk", ct.reshape(nb, m, n), x64.reshape(nb, k, n))
             gx = np.matmul(a64.T, ct)
         else:  # out = x A: dA = x^T ct, dx = ct A^T
-            dense_grad = np.einsum("bnm,bnk->mk", x64.reshape(-1, n, m), ct.reshape(-1, n, k))
+            dense_grad = np.einsum("bnm,bnk->mk", x64.reshape(nb, n, m), ct.reshape(nb, n, k))
             gx = np.matmul(ct, a64.T)
         assert_close(g_vals, _value_grad_reference(a, dense_grad), jnp.float64)
         assert_close(g_x, gx, jnp.float64)

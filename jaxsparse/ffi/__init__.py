@@ -99,7 +99,6 @@ _ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, activation=None,
                  has_bias=None, **_):
     """spmm_p, or spmm_fused_p (has_bias set: the operands hold the bias before b)."""
-    del transpose_a  # the selector only sends transpose_a=False here
     if has_bias is None:
         *pattern, b = rest
         bias = jnp.zeros((0,), data.dtype)
@@ -107,9 +106,10 @@ def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, activation=No
         *pattern, bias, b = rest
     nk = layout == "nk"
     n = b.shape[0] if nk else b.shape[1]
-    out_shape = (n, shape[0]) if nk else (shape[0], n)
+    rows = shape[1] if transpose_a else shape[0]
+    out_shape = (n, rows) if nk else (rows, n)
     out_type = jax.ShapeDtypeStruct(out_shape, data.dtype)
-    attrs = dict(nk=np.bool_(nk), act=np.int64(_ACT_CODES[activation]))
+    attrs = dict(nk=np.bool_(nk), ta=np.bool_(transpose_a), act=np.int64(_ACT_CODES[activation]))
     if fmt == "nm":
         (positions,) = pattern
         return jax.ffi.ffi_call("jaxsparse_nm_spmm", out_type)(
@@ -141,8 +141,6 @@ def _spmm_kernel(avals, params):
     """The native SpMM for these operands and parameters, or None with the reason."""
     if params["fmt"] not in ("csr", "bsr", "nm"):
         return None, f"no native {params['fmt']} SpMM kernel"
-    if params["transpose_a"]:
-        return None, "no native transposed-A SpMM kernel (gradients use the reference)"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SpMM kernel for {avals[0].dtype}"
     return _spmm_native, None
