@@ -214,6 +214,35 @@ def test_thread_counts_agree(rng, fmt):
     np.testing.assert_array_equal(one, np.asarray(_SDDMM(l, r, pattern)))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("fmt", ["csr", "packed", "bsr", "nm"])
+def test_transposed_products(rng, fmt, dtype):
+    """A.T @ Y and Y @ A: the kernel transposes A (a counting sort by column, in parallel; BSR
+    blocks transposed, N:M becomes CSR); one thread and the whole pool agree bitwise."""
+    a, a64 = _skewed(rng, (200, 96), "csr" if fmt == "packed" else fmt, dtype)
+    if fmt == "packed":
+        a = jaxsparse.pack(a)
+    kn = jax.jit(lambda a, y: jaxsparse.matmul(a.T, y, backend="ffi"))
+    nk = jax.jit(lambda a, y: jaxsparse.matmul(y, a, backend="ffi"))
+    for n in (1, 40):
+        y, y64 = rounded(rng.standard_normal((200, n)), dtype)
+        yt, yt64 = rounded(rng.standard_normal((n, 200)), dtype)
+        for fn, x, expected in [(kn, y, a64.T @ y64), (nk, yt, yt64 @ a64)]:
+            with max_threads(1):
+                one = fn(a, x)
+            many = fn(a, x)
+            np.testing.assert_array_equal(np.asarray(one), np.asarray(many))
+            assert_close(many, expected, dtype)
+
+
+def test_transposed_product_of_many_rows(rng):
+    """A with more than 65536 rows: its transpose keeps 32-bit column indices."""
+    a, a64 = random_sparse(rng, (70000, 8), 0.01, "csr", jnp.float32)
+    y, y64 = rounded(rng.standard_normal((70000, 3)), jnp.float32)
+    assert_close(jaxsparse.matmul(a.T, y, backend="ffi"), a64.T @ y64, jnp.float32)
+
+
 def test_knobs_validate():
     with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
         ffi.set_isa("sse9")
