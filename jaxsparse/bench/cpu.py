@@ -2,8 +2,8 @@
 
 Cases (float32 unless stated): unstructured SpMM on 768x768, 3072x768 and 768x3072 weights for
 N in {1, 32, 128, 512} and sparsity in {0.5 .. 0.98}, in both layouts (``W @ X`` and the linear
-layout ``x @ W.T``); BSR 4x4 and 16x16 and 2:4 at the 3072x768 shape; bfloat16; SDDMM; and every
-DLMC transformer matrix at N=128.
+layout ``x @ W.T``); BSR 4x4 and 16x16 and 2:4 at the 3072x768 shape; bfloat16; the weight
+transposed (``W.T @ X``, ``x @ W``); SDDMM; and every DLMC transformer matrix at N=128.
 
 The ``jaxsparse`` CSR operands are prepared once with :func:`jaxsparse.pack` (16-bit column
 indices, and the sliced layout of the float32 matrix-vector product), as a fixed inference weight
@@ -159,6 +159,38 @@ def structured_cases(rng, reps, progress):
         }
         cases.append(Case("bf16", f"{m}x{k} {form} N={n} s=0.9 bf16 (baseline: dense f32)",
                           dict(m=m, k=k, n=n, layout=layout, sparsity=0.9, dtype="bfloat16"),
+                          time_interleaved(methods, reps)))
+        progress()
+    return cases
+
+
+def transposed_cases(rng, reps, progress):
+    """The stored 3072x768 weight transposed (op(A) = A.T) at 90%, N=128: ``W.T @ X`` and
+    ``x @ W`` (a weight stored [in, out]; also the gradients of ``W @ X`` and ``x @ W.T`` with
+    respect to the dense operand). jax.sparse: BCOO (its BCSR has no transpose)."""
+    from jax.experimental import sparse as jsparse
+
+    m, k, n = 3072, 768, 128
+    cases = []
+    for layout, form in (("kn", "W.T@X"), ("nk", "x@W")):
+        w = _pruned(rng, (m, k), 0.9)
+        x = _dense_x(rng, m, n, layout)
+        if layout == "kn":
+            fn, torch_fn = jax.jit(lambda w, x: w.T @ x), lambda w, x: w.t() @ x
+        else:
+            fn, torch_fn = jax.jit(lambda w, x: x @ w), lambda w, x: x @ w
+        methods = {
+            "jaxsparse": (fn, (_packed(w), jnp.asarray(x))),
+            "dense": (fn, (jnp.asarray(w), jnp.asarray(x))),
+            "jax.sparse": (fn, (jsparse.BCOO.fromdense(jnp.asarray(w)), jnp.asarray(x))),
+            "scipy": ((lambda w, x: w.T @ x) if layout == "kn" else (lambda w, x: x @ w),
+                      (sp.csr_matrix(w), x)),
+        }
+        if torch is not None:
+            methods["torch"] = (torch_fn, (torch.from_numpy(w).to_sparse_csr(),
+                                           torch.from_numpy(x)))
+        cases.append(Case("transposed", f"{m}x{k} {form} N={n} s=0.9",
+                          dict(m=m, k=k, n=n, layout=layout, sparsity=0.9),
                           time_interleaved(methods, reps)))
         progress()
     return cases
@@ -335,11 +367,12 @@ def run(args) -> list[Case]:
     if quick:
         files = files[:8]
     reps = args.reps or (5 if quick else 15)
-    total = len(shapes) * len(ns) * 2 * len(sparsities) + 6 + 2 + len(files)
+    total = len(shapes) * len(ns) * 2 * len(sparsities) + 6 + 2 + 2 + len(files)
     with tqdm(total=total, desc="cpu benchmark", unit="case") as bar:
         step = bar.update
         cases = unstructured_cases(rng, shapes, ns, sparsities, reps, step)
         cases += structured_cases(rng, reps, step)
+        cases += transposed_cases(rng, reps, step)
         cases += sddmm_cases(rng, reps, step)
         cases += dlmc_cases(files, reps, step)
     return cases

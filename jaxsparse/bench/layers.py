@@ -3,7 +3,8 @@
 * MLP block 768 -> 3072 -> 768 (GELU) on 128 tokens at 90% unstructured sparsity:
   :class:`jaxsparse.layers.SparseMLP` (bias and GELU fused into the kernels) vs the dense
   ``nnx.Linear`` pair, and the same sparse layers with the GELU applied by XLA in between
-  (``jaxsparse-unfused``).
+  (``jaxsparse-unfused``); and the gradients of a loss through the same block (a fine-tuning
+  step's backward pass: SDDMM for the kept weights, transposed SpMM for the input).
 * Attention restricted to ``local(4096, window=128)``, 8 heads, head dim 64, batch 1:
   :func:`jaxsparse.attention` vs ``jax.nn.dot_product_attention`` with the dense mask, time and
   peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries); and the sparse
@@ -22,7 +23,8 @@ import jaxsparse
 from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
 
 
-def _mlp_case(reps):
+def _mlp_pair():
+    """The dense nnx MLP block (fc1, fc2), its 90% sparse twin and 128 tokens."""
     from flax import nnx
 
     from jaxsparse.layers import SparseMLP
@@ -31,10 +33,17 @@ def _mlp_case(reps):
     fc1, fc2 = nnx.Linear(768, 3072, rngs=rngs), nnx.Linear(3072, 768, rngs=rngs)
     sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9)
     x = jax.random.normal(jax.random.key(0), (128, 768), jnp.float32)
+    return fc1, fc2, sparse, x
 
-    @jax.jit
-    def dense_fn(w1, b1, w2, b2, x):
-        return jax.nn.gelu(x @ w1 + b1) @ w2 + b2
+
+def _dense_mlp(w1, b1, w2, b2, x):
+    return jax.nn.gelu(x @ w1 + b1) @ w2 + b2
+
+
+def _mlp_case(reps):
+    from flax import nnx
+
+    fc1, fc2, sparse, x = _mlp_pair()
 
     def unfused(state, x):
         mlp = nnx.merge(graphdef, state)
@@ -45,9 +54,27 @@ def _mlp_case(reps):
     dense_args = (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
     times = time_interleaved({"jaxsparse": (sparse_fn, (state, x)),
                               "jaxsparse-unfused": (jax.jit(unfused), (state, x)),
-                              "dense": (dense_fn, dense_args)}, reps)
+                              "dense": (jax.jit(_dense_mlp), dense_args)}, reps)
     return Case("layers", "MLP 768->3072->768, 128 tokens, s=0.9",
                 dict(kind="mlp", tokens=128, sparsity=0.9), times)
+
+
+def _mlp_grad_case(reps):
+    """A fine-tuning step's gradients: of a squared-error loss with respect to every weight and
+    bias and to the input (the kept values only for the sparse block: its pattern is fixed)."""
+    from flax import nnx
+
+    fc1, fc2, sparse, x = _mlp_pair()
+    target = jax.random.normal(jax.random.key(1), (128, 768), jnp.float32)
+    graphdef, params, rest = nnx.split(sparse, nnx.Param, ...)
+    sparse_loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p, rest)(x) - target) ** 2)
+    dense_loss = lambda w1, b1, w2, b2, x: jnp.mean((_dense_mlp(w1, b1, w2, b2, x) - target) ** 2)
+    dense_args = (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
+    times = time_interleaved({
+        "jaxsparse": (jax.jit(jax.grad(sparse_loss, argnums=(0, 1))), (params, x)),
+        "dense": (jax.jit(jax.grad(dense_loss, argnums=tuple(range(5)))), dense_args)}, reps)
+    return Case("layers", "MLP 768->3072->768 gradients (weights, biases, input), 128 tokens, s=0.9",
+                dict(kind="mlp_grad", tokens=128, sparsity=0.9), times)
 
 
 def _peak_bytes(compiled) -> int:
@@ -76,6 +103,7 @@ def _attention_case(reps, seq=4096, window=128, heads=8, head_dim=64, dense=True
 
 def summary_lines(cases) -> list[str]:
     mlp = next(c for c in cases if c.params["kind"] == "mlp")
+    grad = next(c for c in cases if c.params["kind"] == "mlp_grad")
     att = next(c for c in cases if c.params["kind"] == "attention" and "dense" in c.times_ms)
     mem = att.params["peak_mb"]
     big = [c for c in cases if c.params["kind"] == "attention" and "dense" not in c.times_ms]
@@ -89,6 +117,9 @@ def summary_lines(cases) -> list[str]:
               f"fc1's kernel): {mlp.times_ms['jaxsparse-unfused']:.3f} ms, "
               f"{mlp.speedup('jaxsparse-unfused'):.2f}x "
               f"(fused: {mlp.times_ms['jaxsparse']:.3f} ms).",
+              f"MLP gradients (fine-tuning step's backward pass): "
+              f"{grad.times_ms['jaxsparse']:.3f} ms sparse, {grad.times_ms['dense']:.3f} ms dense, "
+              f"{grad.speedup('jaxsparse'):.2f}x.",
               f"Peak memory (compiled): sparse {mem['jaxsparse']:.0f} MiB, dense "
               f"{mem['dense']:.0f} MiB."]
     for c in big:
@@ -104,7 +135,7 @@ def main(args):
 
     reps = args.reps or 7
     info = machine_info()
-    steps = [lambda: _mlp_case(reps), lambda: _attention_case(reps),
+    steps = [lambda: _mlp_case(reps), lambda: _mlp_grad_case(reps), lambda: _attention_case(reps),
              lambda: _attention_case(3, seq=16384, dense=False)]
     cases = []
     for step in tqdm(steps, desc="layer benchmark", unit="case"):
