@@ -30,6 +30,7 @@ NB_MODULE(_jaxsparse_cpu, m) {
     d["jaxsparse_nm_spmm"] = Encapsulate(jaxsparse::kNmSpmm);
     d["jaxsparse_csr_sddmm"] = Encapsulate(jaxsparse::kCsrSddmm);
     d["jaxsparse_bsr_sddmm"] = Encapsulate(jaxsparse::kBsrSddmm);
+    d["jaxsparse_nm_sddmm"] = Encapsulate(jaxsparse::kNmSddmm);
     d["jaxsparse_sell_spmv"] = Encapsulate(jaxsparse::kSellSpmv);
     return d;
   });

@@ -1,5 +1,5 @@
 // SDDMM: out[p] = dot(lhs[row(p), :], rhs[col(p), :]) for every stored entry p of a CSR pattern
-// [M, N], or every entry of every block of a BSR pattern. The kernels read lhs as [M, K] and rhs
+// [M, N], every entry of every block of a BSR pattern, or every slot of an N:M pattern. The kernels read lhs as [M, K] and rhs
 // as [N, K], row-major, so each dot is contiguous; an operand given the other way round (attribute
 // lhs_km / rhs_kn: lhs [K, M], rhs [K, N], as in a @ b) is transposed here into an aligned scratch
 // copy, several times faster than the transpose XLA would otherwise run before the call. The
@@ -143,6 +143,54 @@ ffi::Error BsrSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs
   return ffi::Error::Success();
 }
 
+// An N:M pattern [M, N]: row i keeps slots = N / m * n entries, slot s at column
+// s / n * m + positions[i, s]; out [M, slots] in the same order. The positions are checked, then
+// turned into CSR column indices (4 bytes per entry, small next to the dots) for the CSR kernel.
+ffi::Error NmSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
+                   ffi::Buffer<ffi::U8> positions, ffi::Result<ffi::AnyBuffer> out, int64_t nm_n,
+                   int64_t nm_m, bool lhs_km, bool rhs_kn) {
+  const auto pd = positions.dimensions();
+  const auto od = out->dimensions();
+  if (pd.size() != 2 || od.size() != 2 || od[0] != pd[0] || od[1] != pd[1]) {
+    return ffi::Error::InvalidArgument("nm_sddmm: positions and out must be [M, slots]");
+  }
+  const int64_t rows = pd[0], slots = pd[1];
+  int dt;
+  if (auto err = CheckOperands("nm_sddmm", lhs, lhs_km, rhs, rhs_kn, out, rows, 1, &dt);
+      err.failure()) {
+    return err;
+  }
+  int64_t n, k;
+  Dims(rhs, rhs_kn, &n, &k);
+  if (nm_n < 1 || nm_m < nm_n || n % nm_m != 0 || slots != n / nm_m * nm_n) {
+    return ffi::Error::InvalidArgument(
+        "nm_sddmm: need 0 < n <= m, m dividing the pattern's N and slots = N / m * n; got n=" +
+        std::to_string(nm_n) + ", m=" + std::to_string(nm_m) + ", N=" + std::to_string(n) +
+        ", slots=" + std::to_string(slots));
+  }
+  if (rows * slots > INT32_MAX) {
+    return ffi::Error::InvalidArgument("nm_sddmm: more than 2^31 - 1 pattern entries");
+  }
+  const uint8_t* pos = positions.typed_data();
+  const int64_t e = FirstOutOfRange(pos, 0, rows * slots, nm_m);
+  if (e >= 0) {
+    return ffi::Error::InvalidArgument(
+        "nm_sddmm: positions[" + std::to_string(e / slots) + ", " + std::to_string(e % slots) +
+        "]=" + std::to_string(pos[e]) + " is out of range [0, " + std::to_string(nm_m) + ")");
+  }
+  std::vector<int32_t> indices(rows * slots), indptr(rows + 1);
+  for (int64_t i = 0; i <= rows; ++i) indptr[i] = static_cast<int32_t>(i * slots);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t s = 0; s < slots; ++s) {
+      indices[i * slots + s] = static_cast<int32_t>(s / nm_n * nm_m + pos[i * slots + s]);
+    }
+  }
+  SddmmProblem p{kCsr, dt, nullptr, 0, nullptr, 0, indices.data(), indptr.data(), 1, 1, k,
+                 out->untyped_data()};
+  Run(pool, p, lhs, lhs_km, rhs, rhs_kn, indptr.data(), rows, n);  // columns < N by construction
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kCsrSddmm, CsrSddmm,
@@ -164,6 +212,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kBsrSddmm, BsrSddmm,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indices [nblocks]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // indptr [M / bm + 1]
                                   .Ret<ffi::AnyBuffer>()         // out [nblocks, bm, bn]
+                                  .Attr<bool>("lhs_km")
+                                  .Attr<bool>("rhs_kn"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kNmSddmm, NmSddmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // lhs [M, K] or [K, M]
+                                  .Arg<ffi::AnyBuffer>()         // rhs [N, K] or [K, N]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // positions [M, N / m * n]
+                                  .Ret<ffi::AnyBuffer>()         // out [M, N / m * n]
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("m")
                                   .Attr<bool>("lhs_km")
                                   .Attr<bool>("rhs_kn"));
 

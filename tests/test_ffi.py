@@ -79,20 +79,22 @@ def _products(a, n, rng, dtype):
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
 def test_native_targets_in_hlo(rng, fmt):
-    """auto lowers kn, nk and N = 1 of every format to the native kernels (no silent fallback)."""
+    """auto lowers kn, nk, N = 1, A transposed and SDDMM of every format to the native kernels
+    (no silent fallback)."""
     a, _ = random_sparse(rng, (16, 32), 0.3, fmt, jnp.float32)
     target = f"jaxsparse_{fmt}_spmm"
     for fn, x in [(lambda a, x: jaxsparse.matmul(a, x), jnp.ones((32, 8), jnp.float32)),
                   (lambda a, x: jaxsparse.matmul(x, a.T), jnp.ones((8, 32), jnp.float32)),
                   (lambda a, x: a @ x, jnp.ones((32,), jnp.float32)),
-                  (lambda a, x: x @ a.T, jnp.ones((3, 5, 32), jnp.float32))]:
+                  (lambda a, x: x @ a.T, jnp.ones((3, 5, 32), jnp.float32)),
+                  (lambda a, x: a.T @ x, jnp.ones((16, 8), jnp.float32)),
+                  (lambda a, x: x @ a, jnp.ones((8, 16), jnp.float32))]:
         assert target in jax.jit(fn).lower(a, x).as_text()
     assert target not in jax.jit(lambda a, x: jaxsparse.matmul(a, x, backend="reference")).lower(
         a, jnp.ones((32, 8), jnp.float32)).as_text()
-    if fmt != "nm":
-        p = jax.jit(lambda l, r, p: jaxsparse.sddmm(l, r, p).values).lower(
-            jnp.ones((16, 4)), jnp.ones((4, 32)), a).as_text()
-        assert f"jaxsparse_{fmt}_sddmm" in p
+    p = jax.jit(lambda l, r, p: jaxsparse.sddmm(l, r, p).values).lower(
+        jnp.ones((16, 4)), jnp.ones((4, 32)), a).as_text()
+    assert f"jaxsparse_{fmt}_sddmm" in p
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
@@ -177,7 +179,7 @@ _SDDMM_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
 def test_isa_paths_agree_sddmm(rng, fmt):
     pattern, _ = _skewed(rng, (40, 72), fmt, jnp.float32)
     mask = np.asarray(pattern.with_values(jnp.ones_like(pattern.values)).todense()) != 0
@@ -207,11 +209,10 @@ def test_thread_counts_agree(rng, fmt):
             many = np.asarray(fn(a, x))
             np.testing.assert_array_equal(one, many)
             assert_close(many, expected, jnp.float32)
-    pattern = a if fmt != "nm" else _skewed(rng, (200, 96), "csr", jnp.float32)[0]
     l, r = jnp.ones((200, 9), jnp.float32), jnp.asarray(rng.standard_normal((9, 96)), jnp.float32)
     with max_threads(1):
-        one = np.asarray(_SDDMM(l, r, pattern))
-    np.testing.assert_array_equal(one, np.asarray(_SDDMM(l, r, pattern)))
+        one = np.asarray(_SDDMM(l, r, a))
+    np.testing.assert_array_equal(one, np.asarray(_SDDMM(l, r, a)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64],

@@ -125,16 +125,21 @@ def _sell_native(data, indices, indptr, *rest, shape, layout, **_):
         *sliced, b)
 
 
-def _sddmm_native(lhs, rhs, *pattern, fmt, block, transpose_lhs, transpose_rhs, **_):
+def _sddmm_native(lhs, rhs, *pattern, fmt, nm, block, transpose_lhs, transpose_rhs, **_):
     # The kernel takes lhs as [M, K] or [K, M] (lhs_km) and rhs as [N, K] or [K, N] (rhs_kn) and
     # transposes what it must itself.
+    layouts = dict(lhs_km=np.bool_(transpose_lhs), rhs_kn=np.bool_(not transpose_rhs))
+    if fmt == "nm":
+        (positions,) = pattern
+        return jax.ffi.ffi_call("jaxsparse_nm_sddmm", jax.ShapeDtypeStruct(
+            positions.shape, lhs.dtype))(lhs, rhs, positions.astype(jnp.uint8),
+                                         n=np.int64(nm[0]), m=np.int64(nm[1]), **layouts)
     # 16-bit indices (jaxsparse.pack) are widened: one pass over nnz, small next to the dots.
     indices, indptr = pattern
     out_shape = indices.shape if fmt == "csr" else (indices.shape[0], *block)
     out_type = jax.ShapeDtypeStruct(out_shape, lhs.dtype)
     return jax.ffi.ffi_call(f"jaxsparse_{fmt}_sddmm", out_type)(
-        lhs, rhs, indices.astype(jnp.int32), indptr, lhs_km=np.bool_(transpose_lhs),
-        rhs_kn=np.bool_(not transpose_rhs))
+        lhs, rhs, indices.astype(jnp.int32), indptr, **layouts)
 
 
 def _spmm_kernel(avals, params):
@@ -147,7 +152,7 @@ def _spmm_kernel(avals, params):
 
 
 def _sddmm_kernel(avals, params):
-    if params["fmt"] not in ("csr", "bsr"):
+    if params["fmt"] not in ("csr", "bsr", "nm"):
         return None, f"no native {params['fmt']} SDDMM kernel"
     if not _native_dtype(avals[0].dtype):
         return None, f"no native SDDMM kernel for {avals[0].dtype}"
