@@ -165,6 +165,27 @@ ffi::Error IndexError(const char* what, const char* name, const Index* index, in
                                      std::to_string(limit) + ")");
 }
 
+// N:M structure along a dimension of `cols` (K of an SpMM operand, N of an SDDMM pattern, named
+// `dim`): 0 < n <= m, m dividing cols, and rows of `slots` = cols / m * n stored entries.
+inline ffi::Error CheckNm(const char* what, int64_t n, int64_t m, int64_t cols, int64_t slots,
+                          const char* dim) {
+  if (n >= 1 && m >= n && cols % m == 0 && slots == cols / m * n) return ffi::Error::Success();
+  const std::string d(dim);
+  return ffi::Error::InvalidArgument(
+      std::string(what) + ": need 0 < n <= m, m dividing " + d + " and slots = " + d +
+      " / m * n; got n=" + std::to_string(n) + ", m=" + std::to_string(m) + ", " + d + "=" +
+      std::to_string(cols) + ", slots=" + std::to_string(slots));
+}
+
+// Entry e of an N:M positions array [rows, slots] is not below m.
+inline ffi::Error PositionError(const char* what, const uint8_t* positions, int64_t e,
+                                int64_t slots, int64_t m) {
+  return ffi::Error::InvalidArgument(
+      std::string(what) + ": positions[" + std::to_string(e / slots) + ", " +
+      std::to_string(e % slots) + "]=" + std::to_string(positions[e]) + " is out of range [0, " +
+      std::to_string(m) + ")");
+}
+
 // The lowest bad entry position reported by any of the threads that check parts of a matrix.
 class FirstBad {
  public:

@@ -1,9 +1,9 @@
 // SDDMM: out[p] = dot(lhs[row(p), :], rhs[col(p), :]) for every stored entry p of a CSR pattern
-// [M, N], every entry of every block of a BSR pattern, or every slot of an N:M pattern. The kernels read lhs as [M, K] and rhs
-// as [N, K], row-major, so each dot is contiguous; an operand given the other way round (attribute
-// lhs_km / rhs_kn: lhs [K, M], rhs [K, N], as in a @ b) is transposed here into an aligned scratch
-// copy, several times faster than the transpose XLA would otherwise run before the call. The
-// AVX-512 build computes 16 dots at a time and reduces them with one transposing shuffle tree
+// [M, N], every entry of every block of a BSR pattern, or every slot of an N:M pattern. The
+// kernels read lhs as [M, K] and rhs as [N, K], row-major, so each dot is contiguous; an operand
+// given the other way round (attribute lhs_km / rhs_kn: lhs [K, M], rhs [K, N], as in a @ b) is
+// transposed here into an aligned scratch copy, several times faster than the transpose XLA would
+// otherwise run before the call. The AVX-512 build computes 16 dots at a time and reduces them with one transposing shuffle tree
 // (see Dots16 in isa_kernels.inc).
 #include <algorithm>
 #include <string>
@@ -162,22 +162,13 @@ ffi::Error NmSddmm(ffi::ThreadPool pool, ffi::AnyBuffer lhs, ffi::AnyBuffer rhs,
   }
   int64_t n, k;
   Dims(rhs, rhs_kn, &n, &k);
-  if (nm_n < 1 || nm_m < nm_n || n % nm_m != 0 || slots != n / nm_m * nm_n) {
-    return ffi::Error::InvalidArgument(
-        "nm_sddmm: need 0 < n <= m, m dividing the pattern's N and slots = N / m * n; got n=" +
-        std::to_string(nm_n) + ", m=" + std::to_string(nm_m) + ", N=" + std::to_string(n) +
-        ", slots=" + std::to_string(slots));
-  }
+  if (auto err = CheckNm("nm_sddmm", nm_n, nm_m, n, slots, "N"); err.failure()) return err;
   if (rows * slots > INT32_MAX) {
     return ffi::Error::InvalidArgument("nm_sddmm: more than 2^31 - 1 pattern entries");
   }
   const uint8_t* pos = positions.typed_data();
   const int64_t e = FirstOutOfRange(pos, 0, rows * slots, nm_m);
-  if (e >= 0) {
-    return ffi::Error::InvalidArgument(
-        "nm_sddmm: positions[" + std::to_string(e / slots) + ", " + std::to_string(e % slots) +
-        "]=" + std::to_string(pos[e]) + " is out of range [0, " + std::to_string(nm_m) + ")");
-  }
+  if (e >= 0) return PositionError("nm_sddmm", pos, e, slots, nm_m);
   std::vector<int32_t> indices(rows * slots), indptr(rows + 1);
   for (int64_t i = 0; i <= rows; ++i) indptr[i] = static_cast<int32_t>(i * slots);
   for (int64_t i = 0; i < rows; ++i) {

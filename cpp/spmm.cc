@@ -189,12 +189,11 @@ void MoveEntries(const SpmmProblem& p, int64_t r0, int64_t r1, int32_t* next, vo
   }
 }
 
-// The problem of A.T, whose arrays live in *t. A has `rows` kernel rows and `cols` kernel columns
-// (block rows and columns for BSR), every entry already checked to lie below `cols`.
-SpmmProblem TransposeA(ffi::ThreadPool& pool, const SpmmProblem& p, int64_t rows, int64_t cols,
-                       TransposedA* t) {
-  const std::vector<int64_t> parts =
-      Partition(p.fmt == kNm ? nullptr : p.indptr, rows, NumThreads(pool), 1, 1);
+// The problem of A.T, whose arrays live in *t. A's kernel rows (block rows for BSR) are split
+// into `parts` (one per thread), its `cols` kernel columns hold every entry (already checked).
+SpmmProblem TransposeA(ffi::ThreadPool& pool, const SpmmProblem& p,
+                       const std::vector<int64_t>& parts, int64_t cols, TransposedA* t) {
+  const int64_t rows = parts.back();
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
   std::vector<int32_t> slot(n_parts * cols, 0);  // per part: counts, then next position
   ParallelFor(pool, n_parts, [&](int64_t q) {
@@ -478,7 +477,7 @@ int64_t RunOp(ffi::ThreadPool& pool, const SpmmProblem& p, int64_t rows, int64_t
   });
   if (first_bad.Get() >= 0) return first_bad.Get();
   TransposedA t;
-  const SpmmProblem pt = TransposeA(pool, p, rows, cols, &t);
+  const SpmmProblem pt = TransposeA(pool, p, parts, cols, &t);
   return RunSpmm(pool, pt, Shape{cols, cols * pt.bm, rows * p.bm, n}, nk, b, out, rows, ep);
 }
 
@@ -594,12 +593,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   if (rows * slots > INT32_MAX) {  // A.T is CSR, whose offsets are int32
     return ffi::Error::InvalidArgument("nm_spmm: more than 2^31 - 1 stored values");
   }
-  if (nm_n < 1 || nm_m < nm_n || k % nm_m != 0 || slots != k / nm_m * nm_n) {
-    return ffi::Error::InvalidArgument(
-        "nm_spmm: need 0 < n <= m, m dividing K and slots = K / m * n; got n=" +
-        std::to_string(nm_n) + ", m=" + std::to_string(nm_m) + ", K=" + std::to_string(k) +
-        ", slots=" + std::to_string(slots));
-  }
+  if (auto err = CheckNm("nm_spmm", nm_n, nm_m, k, slots, "K"); err.failure()) return err;
   const uint8_t* pos = positions.typed_data();
   std::vector<int32_t> group_base(slots);
   for (int64_t s = 0; s < slots; ++s) group_base[s] = static_cast<int32_t>(s / nm_n * nm_m);
@@ -613,11 +607,7 @@ ffi::Error NmSpmm(ffi::ThreadPool pool, ffi::AnyBuffer values, ffi::Buffer<ffi::
   p.bm = p.bk = 1;
   const int64_t e =
       RunOp(pool, p, rows, k, ta, nk, n, b.untyped_data(), out->untyped_data(), nm_m, ep);
-  if (e >= 0) {
-    return ffi::Error::InvalidArgument(
-        "nm_spmm: positions[" + std::to_string(e / slots) + ", " + std::to_string(e % slots) +
-        "]=" + std::to_string(pos[e]) + " is out of range [0, " + std::to_string(nm_m) + ")");
-  }
+  if (e >= 0) return PositionError("nm_spmm", pos, e, slots, nm_m);
   return ffi::Error::Success();
 }
 

@@ -6,9 +6,10 @@ file run as a script) that prints one JSON line per case; the tests assert on th
 ``split_rows`` itself is tested in-process.
 
 The cases use an ``AxisType.Auto`` mesh, but for the ``explicit-mesh`` ones: on
-``AxisType.Explicit`` axes (the default of ``jax.make_mesh``) the products are computed replicated (the reference path
-gathers the operands its types shard, ``jaxsparse._formats.gathered``; the native kernels' custom
-calls take them whole) and their outputs are replicated. Still a gap there: ``lax.map`` over a
+``AxisType.Explicit`` axes (the default of ``jax.make_mesh``) the products are computed
+replicated (the reference path gathers the operands its types shard,
+``jaxsparse._formats.gathered``; the native kernels' custom calls take them whole) and their
+outputs are replicated. Still a gap there: ``lax.map`` over a
 sharded batch of sparse values refuses a sharded leading axis.
 """
 

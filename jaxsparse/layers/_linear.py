@@ -323,8 +323,7 @@ class SparseMLP(nnx.Module):
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
                  *, activation: Callable | str = jax.nn.gelu, use_bias: bool = True,
-                 dtype: Any = None,
-                 param_dtype: Any = jnp.float32, sparsity: float | None = 0.0,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, sparsity: float | None = 0.0,
                  method: str | None = None, format: str = "csr", block_size=None, n_m=None,
                  kernel_init: Callable = default_kernel_init,
                  bias_init: Callable = initializers.zeros_init(), rngs: nnx.Rngs | None = None,
