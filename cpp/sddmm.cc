@@ -3,8 +3,8 @@
 // kernels read lhs as [M, K] and rhs as [N, K], row-major, so each dot is contiguous; an operand
 // given the other way round (attribute lhs_km / rhs_kn: lhs [K, M], rhs [K, N], as in a @ b) is
 // transposed here into an aligned scratch copy, several times faster than the transpose XLA would
-// otherwise run before the call. The AVX-512 build computes 16 dots at a time and reduces them with one transposing shuffle tree
-// (see Dots16 in isa_kernels.inc).
+// otherwise run before the call. The AVX-512 build computes 16 dots at a time and reduces them
+// with one transposing shuffle tree (see Dots16 in isa_kernels.inc).
 #include <algorithm>
 #include <string>
 #include <vector>
