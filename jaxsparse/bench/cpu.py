@@ -176,15 +176,15 @@ def transposed_cases(rng, reps, progress):
         w = _pruned(rng, (m, k), 0.9)
         x = _dense_x(rng, m, n, layout)
         if layout == "kn":
-            fn, torch_fn = jax.jit(lambda w, x: w.T @ x), lambda w, x: w.t() @ x
+            product, torch_fn = (lambda w, x: w.T @ x), (lambda w, x: w.t() @ x)
         else:
-            fn, torch_fn = jax.jit(lambda w, x: x @ w), lambda w, x: x @ w
+            product = torch_fn = lambda w, x: x @ w
+        fn = jax.jit(product)
         methods = {
             "jaxsparse": (fn, (_packed(w), jnp.asarray(x))),
             "dense": (fn, (jnp.asarray(w), jnp.asarray(x))),
             "jax.sparse": (fn, (jsparse.BCOO.fromdense(jnp.asarray(w)), jnp.asarray(x))),
-            "scipy": ((lambda w, x: w.T @ x) if layout == "kn" else (lambda w, x: x @ w),
-                      (sp.csr_matrix(w), x)),
+            "scipy": (product, (sp.csr_matrix(w), x)),
         }
         if torch is not None:
             methods["torch"] = (torch_fn, (torch.from_numpy(w).to_sparse_csr(),
