@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <climits>
@@ -243,6 +244,21 @@ inline int64_t NumThreads(ffi::ThreadPool& pool) {
 // shared counter like the pool threads do, so the loop finishes even when no pool thread is free
 // (no deadlock when called from inside the pool). Helpers that start after every task has been
 // claimed return at once; the shared state outlives the call through the shared_ptr they hold.
+//
+// Once it has no task left, the calling thread polls for the helpers' last tasks for up to
+// kSpinWait before it sleeps on the condition variable: being woken from a sleep took it long
+// enough to matter in a product of ~0.1 ms. 90% sparse, N = 128, 2-core AMD EPYC VM, polling
+// (200 us) against sleeping at once, interleaved in one process: 384x384 and 512x512 1.3-1.4x faster,
+// 768x768 and 1536x384 1.07-1.15x, 3072x768 1.02-1.05x, the 3072x768 matrix-vector product
+// ~1.1x. Polling 50, 200 and 1000 us did equally well, 20 us a little worse.
+constexpr std::chrono::microseconds kSpinWait{100};
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
   if (n_tasks <= 0) return;
@@ -272,6 +288,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
   const int64_t helpers = std::min<int64_t>(n_threads, n_tasks) - 1;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(drain)(drain));
   drain();
+  const auto give_up = std::chrono::steady_clock::now() + kSpinWait;
+  while (state->done.load() != n_tasks && std::chrono::steady_clock::now() < give_up) {
+    for (int i = 0; i < 16; ++i) CpuRelax();
+  }
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n_tasks; });
 }
