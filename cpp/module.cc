@@ -32,6 +32,7 @@ NB_MODULE(_jaxsparse_cpu, m) {
     d["jaxsparse_bsr_sddmm"] = Encapsulate(jaxsparse::kBsrSddmm);
     d["jaxsparse_nm_sddmm"] = Encapsulate(jaxsparse::kNmSddmm);
     d["jaxsparse_sell_spmv"] = Encapsulate(jaxsparse::kSellSpmv);
+    d["jaxsparse_csr_row_softmax"] = Encapsulate(jaxsparse::kCsrRowSoftmax);
     return d;
   });
   m.def("set_isa", [](const std::string& name) {

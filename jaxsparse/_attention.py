@@ -2,7 +2,8 @@
 
 For every batch element and head, ``scores = (q * scale) @ k.T`` is computed only at the pattern's
 entries (:data:`jaxsparse.sddmm_p`), normalised with a softmax over the stored entries of each row
-(a segment max / sum over row ids), and multiplied with ``v`` (:data:`jaxsparse.spmm_p`). The
+(CSR patterns: ``row_softmax_p``, a native kernel on the CPU; BSR and N:M: a segment max / sum over
+row ids), and multiplied with ``v`` (:data:`jaxsparse.spmm_p`). The
 ``q_len x k_len`` score matrix is never formed: memory is O(batch * heads * nnz).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from jaxsparse import _config
 from jaxsparse._formats import INDEX_DTYPE, CSR, SparseMatrix, nm_columns, row_ids
 from jaxsparse._sddmm import sddmm_values
+from jaxsparse._softmax import row_softmax, segment_softmax
 from jaxsparse._spmm import compute_dtype, spmm
 
 __all__ = ["attention"]
@@ -45,23 +47,6 @@ def _entry_coords(pattern: SparseMatrix):
     return rows, cols
 
 
-def _softmax_rows(scores, rows, n_rows: int, keep=None, sorted_rows: bool = False):
-    """Softmax of ``scores`` over the entries of each row (``rows`` gives each entry's row).
-    ``keep`` (bool, same shape) excludes entries; a row without any entry left gets zeros."""
-    flat, r = scores.reshape(-1), rows.reshape(-1)
-    if keep is not None:
-        keep = keep.reshape(-1)
-        flat = jnp.where(keep, flat, -jnp.inf)
-    mx = jax.ops.segment_max(flat, r, num_segments=n_rows, indices_are_sorted=sorted_rows)
-    mx = jnp.where(jnp.isfinite(mx), mx, jnp.zeros((), mx.dtype))
-    p = jnp.exp(flat - mx[r])
-    if keep is not None:
-        p = jnp.where(keep, p, jnp.zeros((), p.dtype))
-    den = jax.ops.segment_sum(p, r, num_segments=n_rows, indices_are_sorted=sorted_rows)
-    den = jnp.where(den > 0, den, jnp.ones((), den.dtype))
-    return (p / den[r]).reshape(scores.shape)
-
-
 def _block_diagonal(pattern: CSR, copies: int):
     """``copies`` copies of a CSR pattern along the diagonal (one bigger CSR), and its row ids.
 
@@ -85,14 +70,19 @@ def _block_diagonal(pattern: CSR, copies: int):
 
 def _single_head(q, k, v, pattern, keep, backend, rows=None):
     """One (batch, head): q [Sq, D] (already scaled), k [Sk, D], v [Sk, Dv] -> [Sq, Dv]."""
-    if rows is None:
-        rows, _ = _entry_coords(pattern)
     pattern = pattern.astype(q.dtype)
     s = sddmm_values(q, k, pattern, transpose_rhs=True, backend=backend)
-    cd = compute_dtype(s.dtype)
-    p = _softmax_rows(s.astype(cd), rows, pattern.shape[0], keep,
-                      sorted_rows=pattern.fmt != "bsr").astype(v.dtype)
-    return spmm(pattern.with_values(p), v, layout="kn", backend=backend)
+    s = s.astype(compute_dtype(s.dtype))
+    if pattern.fmt == "csr":  # a native kernel on the CPU (row_softmax_p)
+        if keep is not None:
+            s = jnp.where(keep.reshape(s.shape), s, jnp.asarray(-jnp.inf, s.dtype))
+        p = row_softmax(s, jnp.asarray(pattern.indptr),
+                        backend=_config.resolve_backend(backend))
+    else:
+        if rows is None:
+            rows, _ = _entry_coords(pattern)
+        p = segment_softmax(s, rows, pattern.shape[0], keep, sorted_rows=pattern.fmt != "bsr")
+    return spmm(pattern.with_values(p.astype(v.dtype)), v, layout="kn", backend=backend)
 
 
 def _is_pow2_16(x: int) -> bool:

@@ -2,8 +2,8 @@
 
 The C++ extension ``_jaxsparse_cpu`` (built from ``cpp/`` by ``pip install``) exposes one FFI
 handler per kernel. Importing this module registers them with XLA and installs CPU lowerings of
-``spmm_p``/``spmm_fused_p``/``sddmm_p`` that call them where a kernel applies, and the pure-JAX
-reference elsewhere. When the extension is missing (a source checkout that was never built, say)
+``spmm_p``/``spmm_fused_p``/``sddmm_p`` (and attention's ``row_softmax_p``) that call them where a
+kernel applies, and the pure-JAX reference elsewhere. When the extension is missing (a source checkout that was never built, say)
 jaxsparse still works on the reference path; :data:`AVAILABLE` is False and
 :data:`UNAVAILABLE_REASON` says why.
 """
@@ -19,6 +19,7 @@ from jax.interpreters import mlir
 
 from jaxsparse._pack import _via_csr, sell_spmv_p
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
+from jaxsparse._softmax import row_softmax_p, row_softmax_reference
 from jaxsparse._spmm import spmm_fused_p, spmm_fused_reference, spmm_p, spmm_reference
 
 try:
@@ -142,6 +143,11 @@ def _sddmm_native(lhs, rhs, *pattern, fmt, nm, block, transpose_lhs, transpose_r
         lhs, rhs, indices.astype(jnp.int32), indptr, **layouts)
 
 
+def _row_softmax_native(values, indptr, **_):
+    return jax.ffi.ffi_call("jaxsparse_csr_row_softmax",
+                            jax.ShapeDtypeStruct(values.shape, values.dtype))(values, indptr)
+
+
 def _spmm_kernel(avals, params):
     """The native SpMM for these operands and parameters, or None with the reason."""
     if params["fmt"] not in ("csr", "bsr", "nm"):
@@ -161,6 +167,12 @@ def _sddmm_kernel(avals, params):
 
 def _sell_kernel(avals, params):
     return _sell_native, None
+
+
+def _row_softmax_kernel(avals, params):
+    if not any(avals[0].dtype == d for d in (jnp.float32, jnp.float64)):
+        return None, f"no native row softmax for {avals[0].dtype}"
+    return _row_softmax_native, None
 
 
 def _cpu_lowering(select, reference):
@@ -190,6 +202,9 @@ def _register():
                            platform="cpu")
     mlir.register_lowering(sddmm_p, _cpu_lowering(_sddmm_kernel, sddmm_reference), platform="cpu")
     mlir.register_lowering(sell_spmv_p, _cpu_lowering(_sell_kernel, _via_csr), platform="cpu")
+    mlir.register_lowering(row_softmax_p,
+                           _cpu_lowering(_row_softmax_kernel, row_softmax_reference),
+                           platform="cpu")
 
 
 _register()
