@@ -48,28 +48,26 @@ def _entry_coords(pattern: SparseMatrix):
 
 
 def _block_diagonal(pattern: CSR, copies: int):
-    """``copies`` copies of a CSR pattern along the diagonal (one bigger CSR), and its row ids.
+    """``copies`` copies of a CSR pattern along the diagonal (one bigger CSR).
 
     The expansion runs on device; a static pattern enters as a constant behind an optimization
     barrier, so XLA neither constant-folds the expansion (slow to compile) nor embeds the
     ``copies``-times bigger arrays in the program."""
     m, k = pattern.shape
     nnz = pattern.indices.shape[0]
-    rows, indices = _entry_coords(pattern)
-    indices, indptr, rows = jax.lax.optimization_barrier(
-        (jnp.asarray(indices), jnp.asarray(pattern.indptr), jnp.asarray(rows)))
+    indices, indptr = jax.lax.optimization_barrier(
+        (jnp.asarray(pattern.indices), jnp.asarray(pattern.indptr)))
     c = jnp.arange(copies, dtype=INDEX_DTYPE)[:, None]
     big_indices = (indices[None, :] + c * k).reshape(-1)
-    big_rows = (rows[None, :] + c * m).reshape(-1)
     big_indptr = jnp.concatenate([(indptr[None, :-1] + c * nnz).reshape(-1),
                                   jnp.full((1,), copies * nnz, INDEX_DTYPE)])
     data = jnp.zeros((copies * nnz,), pattern.dtype)
-    big = CSR.tree_unflatten(((copies * m, copies * k), False), (data, big_indices, big_indptr))
-    return big, big_rows
+    return CSR.tree_unflatten(((copies * m, copies * k), False), (data, big_indices, big_indptr))
 
 
 def _single_head(q, k, v, pattern, keep, backend, rows=None):
-    """One (batch, head): q [Sq, D] (already scaled), k [Sk, D], v [Sk, Dv] -> [Sq, Dv]."""
+    """One (batch, head): q [Sq, D] (already scaled), k [Sk, D], v [Sk, Dv] -> [Sq, Dv]. ``rows``:
+    the row of every stored entry (BSR and N:M patterns; computed when not given)."""
     pattern = pattern.astype(q.dtype)
     s = sddmm_values(q, k, pattern, transpose_rhs=True, backend=backend)
     s = s.astype(compute_dtype(s.dtype))
@@ -218,15 +216,15 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
         # Folding saves kernel launches on small problems; mapping keeps memory O(nnz).
         fold_heads = pattern.fmt == "csr" and b * h * pattern.nnz <= _FOLD_MAX_ENTRIES
     if fold_heads and pattern.fmt == "csr":
-        big, rows = _block_diagonal(pattern, b * h)
         out = _single_head(q.reshape(b * h * sq, d), k.reshape(b * h * sk, d),
-                           v.reshape(b * h * sk, dv), big,
-                           None if keep is None else keep.reshape(-1), backend, rows)
+                           v.reshape(b * h * sk, dv), _block_diagonal(pattern, b * h),
+                           None if keep is None else keep.reshape(-1), backend)
         out = out.reshape(b, h, sq, dv)
     else:
         # One (batch, head) at a time: peak memory O(nnz), not O(batch * heads * nnz).
-        rows, _ = _entry_coords(pattern)
-        rows = jax.lax.optimization_barrier(jnp.asarray(rows))
+        rows = None  # CSR patterns need no row ids (the softmax reads indptr)
+        if pattern.fmt != "csr":
+            rows = jax.lax.optimization_barrier(jnp.asarray(_entry_coords(pattern)[0]))
         qs, ks, vs = (a.reshape(b * h, *a.shape[2:]) for a in (q, k, v))
         if keep is None:
             body = lambda xs: _single_head(*xs, pattern, None, backend, rows)
