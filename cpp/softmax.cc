@@ -3,7 +3,6 @@
 // a segment sum, scatters that run element by element on the CPU: on a local(4096, 128) pattern
 // (1M entries per head) they took about twice the SDDMM and the SpMM together. The values may
 // carry leading batch dimensions that share the pattern (one row of values per head).
-#include <string>
 #include <vector>
 
 #include "common.h"

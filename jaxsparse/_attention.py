@@ -74,8 +74,7 @@ def _single_head(q, k, v, pattern, keep, backend, rows=None):
     if pattern.fmt == "csr":  # a native kernel on the CPU (row_softmax_p)
         if keep is not None:
             s = jnp.where(keep.reshape(s.shape), s, jnp.asarray(-jnp.inf, s.dtype))
-        p = row_softmax(s, jnp.asarray(pattern.indptr),
-                        backend=_config.resolve_backend(backend))
+        p = row_softmax(s, jnp.asarray(pattern.indptr), backend=backend)
     else:
         if rows is None:
             rows, _ = _entry_coords(pattern)

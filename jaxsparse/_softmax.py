@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxsparse import _config
 from jaxsparse._formats import INDEX_DTYPE, row_ids
 
 __all__ = ["row_softmax", "row_softmax_p", "row_softmax_reference", "segment_softmax"]
@@ -29,9 +30,9 @@ __all__ = ["row_softmax", "row_softmax_p", "row_softmax_reference", "segment_sof
 row_softmax_p = Primitive("jaxsparse_row_softmax")
 
 
-def row_softmax(values, indptr, *, backend: str = "auto"):
+def row_softmax(values, indptr, *, backend: str | None = None):
     """The softmax over the entries of each row of a CSR matrix with ``indptr``."""
-    return row_softmax_p.bind(values, indptr, backend=backend)
+    return row_softmax_p.bind(values, indptr, backend=_config.resolve_backend(backend))
 
 
 def segment_softmax(scores, rows, n_rows: int, keep=None, sorted_rows: bool = False):

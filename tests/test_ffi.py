@@ -146,7 +146,8 @@ def test_epilogue_paths(rng):
 
 
 def test_bad_operands_in_ffi_call():
-    """The kernel checks the bias and shapes it is handed (the Python API never passes wrong ones)."""
+    """The kernel checks the bias and shapes it is handed (the Python API never passes wrong
+    ones)."""
     a = jaxsparse.CSR.fromdense(jnp.eye(4, 6, dtype=jnp.float32))  # stored [4, 6]
 
     def call(b, bias, out_shape=(4, 2), ta=False, act=0):

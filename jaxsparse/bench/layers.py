@@ -24,7 +24,8 @@ from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
 
 
 def _mlp_pair():
-    """The dense nnx MLP block (fc1, fc2), its 90% sparse twin and 128 tokens."""
+    """The 90% sparse twin of a dense nnx MLP block, 128 tokens, and the dense block's
+    arguments to :func:`_dense_mlp` (fc1 and fc2 kernels and biases, then the tokens)."""
     from flax import nnx
 
     from jaxsparse.layers import SparseMLP
@@ -33,7 +34,7 @@ def _mlp_pair():
     fc1, fc2 = nnx.Linear(768, 3072, rngs=rngs), nnx.Linear(3072, 768, rngs=rngs)
     sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9)
     x = jax.random.normal(jax.random.key(0), (128, 768), jnp.float32)
-    return fc1, fc2, sparse, x
+    return sparse, x, (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
 
 
 def _dense_mlp(w1, b1, w2, b2, x):
@@ -43,7 +44,7 @@ def _dense_mlp(w1, b1, w2, b2, x):
 def _mlp_case(reps):
     from flax import nnx
 
-    fc1, fc2, sparse, x = _mlp_pair()
+    sparse, x, dense_args = _mlp_pair()
 
     def unfused(state, x):
         mlp = nnx.merge(graphdef, state)
@@ -51,7 +52,6 @@ def _mlp_case(reps):
 
     graphdef, state = nnx.split(sparse)
     sparse_fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    dense_args = (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
     times = time_interleaved({"jaxsparse": (sparse_fn, (state, x)),
                               "jaxsparse-unfused": (jax.jit(unfused), (state, x)),
                               "dense": (jax.jit(_dense_mlp), dense_args)}, reps)
@@ -64,17 +64,16 @@ def _mlp_grad_case(reps):
     bias and to the input (the kept values only for the sparse block: its pattern is fixed)."""
     from flax import nnx
 
-    fc1, fc2, sparse, x = _mlp_pair()
+    sparse, x, dense_args = _mlp_pair()
     target = jax.random.normal(jax.random.key(1), (128, 768), jnp.float32)
     graphdef, params, rest = nnx.split(sparse, nnx.Param, ...)
     sparse_loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p, rest)(x) - target) ** 2)
     dense_loss = lambda w1, b1, w2, b2, x: jnp.mean((_dense_mlp(w1, b1, w2, b2, x) - target) ** 2)
-    dense_args = (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
     times = time_interleaved({
         "jaxsparse": (jax.jit(jax.grad(sparse_loss, argnums=(0, 1))), (params, x)),
         "dense": (jax.jit(jax.grad(dense_loss, argnums=tuple(range(5)))), dense_args)}, reps)
-    return Case("layers", "MLP 768->3072->768 gradients (weights, biases, input), 128 tokens, s=0.9",
-                dict(kind="mlp_grad", tokens=128, sparsity=0.9), times)
+    label = "MLP 768->3072->768 gradients (weights, biases, input), 128 tokens, s=0.9"
+    return Case("layers", label, dict(kind="mlp_grad", tokens=128, sparsity=0.9), times)
 
 
 def _peak_bytes(compiled) -> int:
