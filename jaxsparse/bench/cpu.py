@@ -27,7 +27,7 @@ from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
 
 SHAPES = ((768, 768), (3072, 768), (768, 3072))
 NS = (1, 32, 128, 512)
-SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 METHODS = ["jaxsparse", "dense", "jax.sparse", "scipy", "torch"]
 
 try:
@@ -291,8 +291,8 @@ def targets(cases) -> list[tuple[str, float, float | None]]:
                                                        layout="kn", sparsity=0.9))
     add("3072x768 W@X s=0.7 N=128 vs dense", 1.5, _find(cases, "unstructured", m=3072, k=768,
                                                            n=128, layout="kn", sparsity=0.7))
-    add("3072x768 W@X s=0.5 N=128 vs dense (break-even at <= 0.6)", 1,
-        _find(cases, "unstructured", m=3072, k=768, n=128, layout="kn", sparsity=0.5))
+    add("3072x768 W@X s=0.6 N=128 vs dense (break-even at <= 0.6)", 1,
+        _find(cases, "unstructured", m=3072, k=768, n=128, layout="kn", sparsity=0.6))
     add("BSR 16x16 s=0.9 N=128 vs dense", 6, _find(cases, "bsr", layout="kn", block=(16, 16)))
     add("SDDMM 3072x768 s=0.9 K=64 vs dense+sample", 4, _find(cases, "sddmm", sparsity=0.9))
     dl = [c.speedup("jaxsparse") for c in cases if c.group == "dlmc 0.9"]
@@ -362,7 +362,7 @@ def run(args) -> list[Case]:
     quick = args.quick
     shapes = ((3072, 768),) if quick else SHAPES
     ns = (1, 128) if quick else NS
-    sparsities = (0.5, 0.7, 0.9, 0.98) if quick else SPARSITIES
+    sparsities = (0.5, 0.6, 0.7, 0.9, 0.98) if quick else SPARSITIES
     files = dlmc_files(args.dlmc_levels or (("0.9",) if quick else ("0.7", "0.8", "0.9", "0.95")))
     if quick:
         files = files[:8]
