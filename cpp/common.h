@@ -248,9 +248,10 @@ inline int64_t NumThreads(ffi::ThreadPool& pool) {
 // Once it has no task left, the calling thread polls for the helpers' last tasks for up to
 // kSpinWait before it sleeps on the condition variable: being woken from a sleep took it long
 // enough to matter in a product of ~0.1 ms. 90% sparse, N = 128, 2-core AMD EPYC VM, polling
-// (200 us) against sleeping at once, interleaved in one process: 384x384 and 512x512 1.3-1.4x
-// faster, 768x768 and 1536x384 1.07-1.15x, 3072x768 1.02-1.05x, the 3072x768 matrix-vector
-// product ~1.1x. Polling 50, 200 and 1000 us did equally well, 20 us a little worse.
+// against sleeping at once, interleaved in one process: 384x384 and 512x512 1.3-1.4x faster,
+// 768x768 and 1536x384 1.07-1.15x, 3072x768 1.02-1.05x, the 3072x768 matrix-vector product
+// ~1.1x. Polling for 50, 200 and 1000 us did equally well, 20 us a little worse; kSpinWait sits
+// in that plateau.
 constexpr std::chrono::microseconds kSpinWait{100};
 
 inline void CpuRelax() {

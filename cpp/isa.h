@@ -106,7 +106,8 @@ struct IsaKernels {
   void (*epilogue)(int dt, void* c, int64_t rows, int64_t cols, int64_t ldc, const void* bias,
                    bool bias_per_row, int act);
   // The softmax over the stored entries of each of rows [r0, r1) of a CSR matrix: y[e] for the
-  // entries e of the rows (indptr checked), from x[e]; float32, and float64 in the portable build.
+  // entries e of the rows, from x[e] (indptr already validated by the caller); float32, and
+  // float64 in the portable build.
   void (*row_softmax)(int dt, const void* x, void* y, const int32_t* indptr, int64_t r0,
                       int64_t r1);
 };
