@@ -40,12 +40,11 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """``x``: [batch, seq, hidden]; ``mask``: optional [batch, seq], nonzero = attend.
 
-        Written for XLA on the CPU, where it is faster than the textbook form (token-major
-        einsums, ``jnp.where`` on the [batch, heads, seq, seq] scores, ``jax.nn.softmax``) by
-        1.2-1.4x at batch 1 and 2.6-5.5x at batch 8 (MiniLM and ViT-B/16 sizes, measured
-        interleaved on a 2-core AMD EPYC): heads first, the query scaled instead of the scores,
-        the mask added as a [batch, 1, 1, seq] bias (as BERT does), and the softmax's division
-        applied to the [.., seq, head_dim] context instead of the [.., seq, seq] weights.
+        Written for XLA on the CPU, where the textbook form (token-major einsums, ``jnp.where``
+        on the [batch, heads, seq, seq] scores, ``jax.nn.softmax``) took most of the dense parts'
+        time (the README's end-to-end section): heads first, the query scaled instead of the
+        scores, the mask added as a [batch, 1, 1, seq] bias (as BERT does), and the softmax's
+        division applied to the [.., seq, head_dim] context instead of the [.., seq, seq] weights.
         """
         b, s, d = x.shape
         dh = d // self.num_heads
