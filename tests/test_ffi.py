@@ -117,9 +117,9 @@ def test_isa_paths_agree(rng, fmt, dtype):
 
 def test_epilogue_paths(rng):
     """The fused bias + activation on every path of the kernels (N = 1: along the output vector;
-    37 = vectors and a tail, 5 = a tail only; the nk token slices and chunks of 117 and 300
-    columns), each instruction set, float32; bfloat16 and float64 (the portable build) for gelu.
-    Against float64 NumPy."""
+    117 = groups of four vectors, single vectors and a tail, 37 = vectors and a tail, 5 = a tail
+    only; the nk token slices and chunks of 117 and 300 columns), each instruction set, float32;
+    bfloat16 and float64 (the portable build) for gelu. Against float64 NumPy."""
     from test_spmm import activation_reference
 
     def fused(layout, activation):
@@ -129,8 +129,8 @@ def test_epilogue_paths(rng):
         return jax.jit(lambda a, x, b: jaxsparse.matmul(x, a.T, bias=b, activation=activation,
                                                         backend="ffi"))
 
-    cases = [(jnp.float32, 37, act) for act in (None, *jaxsparse.ACTIVATIONS)]
-    cases += [(jnp.float32, n, "gelu") for n in (1, 5, 117, 300)]
+    cases = [(jnp.float32, 117, act) for act in (None, *jaxsparse.ACTIVATIONS)]
+    cases += [(jnp.float32, n, "gelu") for n in (1, 5, 37, 300)]
     cases += [(dtype, 37, "gelu") for dtype in (jnp.bfloat16, jnp.float64)]
     for dtype, n, activation in cases:
         a, _ = _skewed(rng, (40, 72), "csr", dtype)
