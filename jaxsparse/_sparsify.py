@@ -142,8 +142,24 @@ def _capture_inputs(model, linears, calibration, gram: bool) -> dict[str, np.nda
     return sums if gram else {k: np.sqrt(v) for k, v in sums.items()}
 
 
+def _calibration_groups(linears, gram: bool, budget: int | None) -> list[list]:
+    """``linears`` in order, cut into consecutive groups whose recorded statistics (float64: an
+    ``[in, in]`` matrix each for sparsegpt, ``[in]`` for wanda) fit ``budget`` bytes together; a
+    layer whose own statistic is larger makes a group of its own. ``None``: one group."""
+    groups, used = [], 0
+    for path, lin in linears:
+        size = 8 * lin.in_features ** (2 if gram else 1)
+        if not groups or (budget is not None and used + size > budget):
+            groups.append([])
+            used = 0
+        groups[-1].append((path, lin))
+        used += size
+    return groups
+
+
 def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | None = None,
-             format: str = "csr", filter=None, calibration=None, block_size=None, n_m=None):
+             format: str = "csr", filter=None, calibration=None, block_size=None, n_m=None,
+             calibration_memory: int | None = 1 << 30):
     """Replace every ``nnx.Linear`` of ``model`` (selected by ``filter``) with a pruned
     :class:`~jaxsparse.layers.SparseLinear`; returns ``(model, report)``. The model is modified in
     place (pass a copy, e.g. ``nnx.clone(model)``, to keep the dense one).
@@ -158,30 +174,43 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
       such that ``model(*calibration)`` runs the model, or a callable ``fn(model)``. Each selected
       layer's inputs are recorded during that run (as per-feature sums of squares for wanda, as
       ``X^T X`` for sparsegpt), all on the dense model: the layers are pruned independently.
-      sparsegpt holds every selected layer's ``[in, in]`` float64 matrix at once (BERT-base:
-      ~1.2 GB).
+    * ``calibration_memory``: the most bytes of recorded statistics held at once (default 1 GiB;
+      ``None``: no limit). sparsegpt keeps an ``[in, in]`` float64 matrix per layer (BERT-base's
+      72 layers: ~1.2 GB): when they do not fit, the calibration runs once per group of layers
+      that does, each run on the still dense model, so the result is the same.
 
     >>> model, report = jaxsparse.sparsify(model, sparsity=0.9)
     >>> print(report)  # a table; json.dumps(report) works as well
     """
     method = resolve_method(method, format, "sparsify")
+    if calibration_memory is not None and (
+            isinstance(calibration_memory, bool) or not isinstance(calibration_memory, int)
+            or calibration_memory <= 0):
+        raise ValueError("sparsify: calibration_memory must be a positive number of bytes or "
+                         f"None, got {calibration_memory!r}")
     linears = _find(model, nnx.Linear, filter)
-    stats = {}
-    if method in CALIBRATED:
-        if calibration is None:
-            raise ValueError(f"sparsify: method={method!r} needs calibration (a tuple of model "
-                             "arguments, or a callable fn(model))")
-        stats = _capture_inputs(model, linears, calibration, gram=method == "sparsegpt")
-    stat_arg = "x_gram" if method == "sparsegpt" else "x_norms"
+    gram = method == "sparsegpt"
+    if method in CALIBRATED and calibration is None:
+        raise ValueError(f"sparsify: method={method!r} needs calibration (a tuple of model "
+                         "arguments, or a callable fn(model))")
+    groups = (_calibration_groups(linears, gram, calibration_memory) if method in CALIBRATED
+              else [linears])
+    stat_arg = "x_gram" if gram else "x_norms"
+    built = []  # every group is calibrated on the dense model: layers are swapped in at the end
+    for group in groups:
+        stats = (_capture_inputs(model, group, calibration, gram) if method in CALIBRATED
+                 else {})
+        for path, lin in group:
+            where = f"sparsify (layer {_path_str(path)!r})"
+            try:
+                new = SparseLinear.from_dense(lin, sparsity=sparsity, method=method,
+                                              format=format, block_size=block_size, n_m=n_m,
+                                              **{stat_arg: stats.pop(_path_str(path), None)})
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            built.append((path, new))
     report = SparsifyReport()
-    for path, lin in linears:
-        where = f"sparsify (layer {_path_str(path)!r})"
-        try:
-            new = SparseLinear.from_dense(lin, sparsity=sparsity, method=method, format=format,
-                                          block_size=block_size, n_m=n_m,
-                                          **{stat_arg: stats.get(_path_str(path))})
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+    for path, new in built:
         _replace(model, path, new)
         size = new.in_features * new.out_features
         report.append(dict(path=_path_str(path), shape=[new.out_features, new.in_features],

@@ -307,6 +307,35 @@ def test_sparsify_sparsegpt_uses_inputs(rng):
         jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, method="sparsegpt")
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sparsify_calibration_memory_groups(rng, method):
+    # A budget below every layer's statistic records one layer per calibration run, each run on
+    # the dense model: the same pruned layers as one run with no limit.
+    x = jnp.asarray(rng.standard_normal((3, 6, 8)) * np.linspace(0.1, 5, 8), jnp.float32)
+    runs = []
+
+    def calibration(m):
+        runs.append(len(runs))
+        return m(x)
+
+    one, _ = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, method=method,
+                                calibration=calibration, calibration_memory=None)
+    assert len(runs) == 1
+    runs.clear()
+    grouped, report = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, method=method,
+                                         calibration=calibration, calibration_memory=1)
+    assert len(runs) == len(report) == 6
+    for path in ("embed", "blocks.0.up", "blocks.1.down", "head"):
+        a, b = (functools.reduce(getattr, path.split("."), m) for m in (one, grouped))
+        np.testing.assert_array_equal(np.asarray(b.mask()), np.asarray(a.mask()))
+        np.testing.assert_allclose(np.asarray(b.masked_kernel()), np.asarray(a.masked_kernel()),
+                                   rtol=1e-6, atol=1e-7)
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="calibration_memory must be a positive"):
+            jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, method=method,
+                               calibration=(x,), calibration_memory=bad)
+
+
 def test_sparsify_filter():
     model = Model(rngs=nnx.Rngs(0))
     model, report = jaxsparse.sparsify(nnx.clone(model), sparsity=0.5, filter=r"blocks\.\d+\.up")
