@@ -13,7 +13,7 @@ from jaxsparse._formats import BSR, CSR, NM, SparseMatrix
 from jaxsparse._sddmm import sddmm, sddmm_p
 from jaxsparse._spmm import ACTIVATIONS, matmul, spmm_fused_p, spmm_p
 from jaxsparse._attention import attention
-from jaxsparse._pack import PackedCSR, SlicedMatvec, pack
+from jaxsparse._pack import PackedCSR, SlicedMatvec, TransposePlan, pack
 from jaxsparse import dlmc, ffi  # ffi registers the native CPU kernels and lowerings
 from jaxsparse import pallas  # Pallas GPU kernels (+ interpret mode); chains after ffi's CPU rule
 from jaxsparse import patterns, prune, sharding
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "BSR", "CSR", "NM", "PackedCSR", "SlicedMatvec", "SparseMatrix",
-    "attention", "densify", "dlmc", "ffi", "get_backend", "layers", "load_state", "matmul", "pack",
-    "pallas", "patterns", "prune", "save_state", "sddmm", "sddmm_p", "sharding", "sparsify",
-    "spmm_fused_p", "spmm_p", "use_backend",
+    "TransposePlan", "attention", "densify", "dlmc", "ffi", "get_backend", "layers", "load_state",
+    "matmul", "pack", "pallas", "patterns", "prune", "save_state", "sddmm", "sddmm_p", "sharding",
+    "sparsify", "spmm_fused_p", "spmm_p", "use_backend",
 ]

@@ -7,9 +7,12 @@
 * ``layout="nk"``: ``b @ op(A).T`` with ``b`` ``[N, K']``, out ``[N, M']`` (the linear-layer layout:
   ``x @ W.T`` with ``W`` stored ``[out, in]`` is ``layout="nk", transpose_a=False``).
 
-The pattern arrays are ``(indices, indptr)`` for CSR and BSR, ``(positions,)`` for N:M. Layout,
-transposition and format are static, so every combination reaches a kernel without a transposed copy
-of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the same pattern.
+The pattern arrays are ``(indices, indptr)`` for CSR and BSR, ``(positions,)`` for N:M; a CSR
+pattern may be followed by a transposition plan ``(perm, t_indices, t_indptr)``
+(:class:`jaxsparse.TransposePlan`, from ``jaxsparse.pack(a, transpose=True)``), which the kernels
+use for ``transpose_a=True`` instead of building ``A.T`` per call (the reference ignores it).
+Layout, transposition and format are static, so every combination reaches a kernel without a
+transposed copy of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the same pattern.
 
 ``spmm_fused_p.bind(data, *pattern, bias, b, activation, has_bias, <spmm_p params>)`` is the same
 product followed by ``+ bias`` (one value per row of ``op(A)``, the output features; an empty array
@@ -167,13 +170,13 @@ def spmm(a: SparseMatrix, b, *, transpose_a: bool = False, layout: str = "kn",
         from jaxsparse._pack import sell_spmv  # a packed matrix-vector product
         out = sell_spmv(a, b, layout=layout, backend=params["backend"])
         return _epilogue(out, bias, activation, layout)
+    pattern = (*a.pattern_arrays, *(getattr(a, "plan", None) or ()))
     if bias is None and activation is None:
-        return spmm_p.bind(a.values, *a.pattern_arrays, b, **params)
+        return spmm_p.bind(a.values, *pattern, b, **params)
     has_bias = bias is not None
     if not has_bias:
         bias = jnp.zeros((0,), a.dtype)
-    return _fused(tuple(sorted(params.items())), activation, has_bias, a.values,
-                  tuple(a.pattern_arrays), bias, b)
+    return _fused(tuple(sorted(params.items())), activation, has_bias, a.values, pattern, bias, b)
 
 
 def _epilogue(out, bias, activation, layout):
@@ -226,6 +229,25 @@ def coo_index(pattern, fmt, shape, nm):
     return rows.reshape(-1), cols.reshape(-1)
 
 
+def split_plan(fmt, pattern) -> tuple[tuple, tuple]:
+    """``(pattern, plan)``: a CSR pattern's transposition plan split off (``()`` when none)."""
+    if fmt == "csr" and len(pattern) == 5:
+        return tuple(pattern[:2]), tuple(pattern[2:])
+    return tuple(pattern), ()
+
+
+def check_plan(plan, shape, nnz, where):
+    """Shape/dtype checks of a transposition plan ``(perm, t_indices, t_indptr)``."""
+    perm, t_indices, t_indptr = plan
+    for name, arr, size, dtypes in (("perm", perm, nnz, (np.int32,)),
+                                    ("t_indices", t_indices, nnz, (np.int32, np.uint16)),
+                                    ("t_indptr", t_indptr, shape[1] + 1, (np.int32,))):
+        if arr.ndim != 1 or arr.shape[0] != size or arr.dtype not in dtypes:
+            raise TypeError(f"{where}: transposition plan {name} must be 1-D "
+                            f"{'/'.join(np.dtype(d).name for d in dtypes)} [{size}], got "
+                            f"{name}.shape={arr.shape}, {name}.dtype={arr.dtype}")
+
+
 def compute_dtype(dtype):
     return jnp.float32 if any(dtype == h for h in _HALF) else dtype
 
@@ -240,6 +262,7 @@ def spmm_reference(data, *rest, fmt, shape, nm, transpose_a, layout, backend=Non
     NaN, as in a dense product.
     """
     data, *pattern, b = (gathered(x) for x in (data, *rest))
+    pattern, _ = split_plan(fmt, pattern)
     block = data.shape[1:] if fmt == "bsr" else None
     check_pattern_runtime(pattern, fmt, shape, nm, block, where="spmm")
     out_dtype = data.dtype
@@ -334,7 +357,10 @@ def out_aval(shape, dtype, *avals):
 
 def _spmm_abstract_eval(data, *rest, fmt, shape, nm, transpose_a, layout, backend):
     *pattern, b = rest
+    pattern, plan = split_plan(fmt, pattern)
     want = check_pattern(pattern, fmt, shape, nm, "spmm")
+    if plan:
+        check_plan(plan, shape, want[0], "spmm")
     if fmt == "bsr":
         if data.ndim != 3 or data.shape[0] != pattern[0].shape[0]:
             raise ValueError(f"spmm: bsr data must be [nblocks, bm, bk] with nblocks = "
@@ -418,8 +444,9 @@ def _spmm_transpose(ct, data, *rest, fmt, shape, nm, transpose_a, layout, backen
             lhs, rhs = (b, ct) if transpose_a else (ct, b)
             tl, tr = True, False
         block = data.aval.shape[1:] if fmt == "bsr" else None
-        ct_data = sddmm_p.bind(lhs, rhs, *pattern, fmt=fmt, shape=shape, nm=nm, block=block,
-                               transpose_lhs=tl, transpose_rhs=tr, backend=backend)
+        ct_data = sddmm_p.bind(lhs, rhs, *split_plan(fmt, pattern)[0], fmt=fmt, shape=shape,
+                               nm=nm, block=block, transpose_lhs=tl, transpose_rhs=tr,
+                               backend=backend)
     return (ct_data, *([None] * len(pattern)), ct_b)
 
 

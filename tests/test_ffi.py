@@ -150,10 +150,10 @@ def test_bad_operands_in_ffi_call():
     ones)."""
     a = jaxsparse.CSR.fromdense(jnp.eye(4, 6, dtype=jnp.float32))  # stored [4, 6]
 
-    def call(b, bias, out_shape=(4, 2), ta=False, act=0):
+    def call(b, bias, out_shape=(4, 2), ta=False, act=0, plan=(jnp.zeros(0, jnp.int32),) * 3):
         fn = jax.ffi.ffi_call("jaxsparse_csr_spmm", jax.ShapeDtypeStruct(out_shape, jnp.float32))
-        return fn(a.values, a.indices, a.indptr, b, bias, nk=np.bool_(False), ta=np.bool_(ta),
-                  act=np.int64(act))
+        return fn(a.values, a.indices, a.indptr, *plan, b, bias, nk=np.bool_(False),
+                  ta=np.bool_(ta), act=np.int64(act))
 
     with pytest.raises(Exception, match=r"csr_spmm: bias must hold 4 values of the output's "
                                         r"dtype, got 3"):
@@ -169,6 +169,12 @@ def test_bad_operands_in_ffi_call():
     b = np.arange(8, dtype=np.float32).reshape(4, 2)
     np.testing.assert_array_equal(call(jnp.asarray(b), jnp.ones(0, jnp.float32), (6, 2), ta=True),
                                   np.eye(4, 6).T @ b)
+    # A transposition plan of the wrong sizes (the Python API checks them before the call).
+    with pytest.raises(Exception, match=r"csr_spmm: the transposition plan must hold perm \[nnz\], "
+                                        r"t_indices \[nnz\] and t_indptr \[K \+ 1\] = \[7\]; "
+                                        r"got 4, 4 and 5 entries"):
+        call(jnp.asarray(b), jnp.ones(0, jnp.float32), (6, 2), ta=True,
+             plan=(jnp.arange(4, dtype=jnp.int32),) * 2 + (jnp.zeros(5, jnp.int32),))
 
 
 # Operand layouts of sddmm's kernel: lhs [M, K] or [K, M], rhs [K, N] or [N, K] (the transposes
@@ -627,3 +633,117 @@ def test_malformed_sliced_layout_in_jit(name):
         for message, arrays in bad.items():
             with pytest.raises(Exception, match=message):
                 _sliced_call(arrays, m, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# jaxsparse.pack(a, transpose=True): the pattern of A.T and a permutation, for products with A.T.
+
+_TKN = jax.jit(lambda a, x, backend: jaxsparse.matmul(a.T, x, backend=backend),
+               static_argnums=2)
+_TNK = jax.jit(lambda a, x, backend: jaxsparse.matmul(x, a, backend=backend), static_argnums=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+@pytest.mark.parametrize("shape", [(40, 300), (300, 7), (5, 1)], ids=str)
+def test_transpose_plan_products(rng, shape, dtype):
+    # A.T @ X and x @ A with the plan, on every ISA, 1 and 2 threads, the reference and the
+    # Pallas kernels (interpreted), with and without a fused bias and activation.
+    a, a64 = _skewed(rng, shape, "csr", dtype)
+    p = jaxsparse.pack(a, transpose=True, matvec=False)
+    assert p.plan is not None and "transpose plan" in repr(p)
+    m, k = shape
+    x, x64 = rounded(rng.standard_normal((m, 9)), dtype)
+    xt, xt64 = rounded(rng.standard_normal((9, m)), dtype)
+    bias, bias64 = rounded(rng.standard_normal(k), dtype)
+    assert "jaxsparse_csr_spmm" in _TKN.lower(p, x, "ffi").as_text()
+    backends = ["ffi", "reference"] + (["pallas-interpret"] if dtype != jnp.float64 else [])
+    for backend in backends:
+        for name in ISAS if backend == "ffi" else ["auto"]:
+            for threads in (1, 2) if backend == "ffi" else (0,):
+                with isa(name), max_threads(threads):
+                    assert_close(_TKN(p, x, backend), a64.T @ x64, dtype)
+                    assert_close(_TNK(p, xt, backend), xt64 @ a64, dtype)
+    fused = jaxsparse.matmul(xt, p, bias=bias, activation="relu")
+    assert_close(fused, np.maximum(xt64 @ a64 + bias64, 0), dtype)
+
+
+def test_transpose_plan_layout_and_values(rng):
+    # The plan orders A's entries by column, by row within a column: A.T's CSR with sorted
+    # indices. with_values / astype keep it (it depends on the pattern only); int32 row indices
+    # past 65536 rows; traced arrays get no plan.
+    a, a64 = _skewed(rng, (30, 20), "csr", jnp.float32)
+    perm, t_indices, t_indptr = jaxsparse.pack(a, transpose=True).plan
+    t = sp.csr_matrix(a64.T)
+    t.sort_indices()
+    np.testing.assert_array_equal(np.asarray(t_indptr), t.indptr)
+    np.testing.assert_array_equal(np.asarray(t_indices), t.indices)
+    np.testing.assert_array_equal(np.asarray(a.data)[np.asarray(perm)], t.data)
+    p = jaxsparse.pack(a, transpose=True)
+    v = rng.standard_normal(p.nnz).astype(np.float32)
+    q = p.with_values(jnp.asarray(v))
+    assert q.plan is p.plan and q.matvec is None
+    x = rng.standard_normal((30, 3)).astype(np.float32)
+    ref = np.asarray(a.with_values(jnp.asarray(v)).todense(), np.float64).T @ x
+    assert_close(_TKN(q, x, "ffi"), ref, jnp.float32)
+    assert p.astype(jnp.bfloat16).plan is p.plan
+    tall = jaxsparse.CSR.from_scipy(sp.random(70000, 3, density=0.001, format="csr",
+                                              dtype=np.float32, random_state=0))
+    pt = jaxsparse.pack(tall, transpose=True)
+    assert pt.plan.indices.dtype == np.int32
+    xt = rng.standard_normal((70000, 2)).astype(np.float32)
+    assert_close(_TKN(pt, xt, "ffi"), tall.to_scipy().toarray().astype(np.float64).T @ xt,
+                 jnp.float32)
+    traced = jax.jit(lambda a: jaxsparse.pack(a, transpose=True).plan is None)(a)
+    assert bool(traced)
+
+
+def test_transpose_plan_gradients(rng):
+    # Gradients through products with the plan: with respect to the dense operand (A.T @ ct, a
+    # product with the plan in the backward pass of A @ x too) and to the values (an SDDMM on
+    # A's pattern), equal to the float64 formulas.
+    a, a64 = _skewed(rng, (24, 40), "csr", jnp.float32)
+    p = jaxsparse.pack(a, transpose=True)
+    x = rng.standard_normal((8, 40)).astype(np.float32)
+    w = rng.standard_normal((8, 24)).astype(np.float32)
+    loss = lambda v, x: jnp.sum(w * jaxsparse.matmul(x, p.with_values(v).T))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    g_v, g_x = grad(p.data, jnp.asarray(x))
+    assert_close(g_x, w.astype(np.float64) @ a64, jnp.float32)
+    rows = np.repeat(np.arange(24), np.diff(np.asarray(p.indptr)))
+    cols = np.asarray(p.indices).astype(np.int64)
+    assert_close(g_v, (w.T.astype(np.float64) @ x)[rows, cols], jnp.float32)
+
+
+def _planned(plan, backend="ffi"):
+    """A 2x6 PackedCSR (entries (0, 0), (0, 5), (1, 2)) with the given plan, times ones."""
+    @jax.jit
+    def f(perm, t_indices, t_indptr):
+        p = jaxsparse.PackedCSR.tree_unflatten(((2, 6), False), (
+            jnp.asarray([1.0, 2.0, 3.0], jnp.float32), jnp.asarray([0, 5, 2], jnp.uint16),
+            jnp.asarray([0, 2, 3], jnp.int32), None,
+            jaxsparse.TransposePlan(perm, t_indices, t_indptr)))
+        return jaxsparse.matmul(p.T, jnp.ones((2, 1), jnp.float32), backend=backend)
+
+    return f(*(jnp.asarray(v) for v in plan))
+
+
+def test_malformed_transpose_plan_in_jit():
+    ok = (np.array([0, 2, 1], np.int32), np.array([0, 1, 0], np.uint16),
+          np.array([0, 1, 1, 2, 2, 2, 3], np.int32))
+    np.testing.assert_array_equal(np.asarray(_planned(ok))[:, 0], [1, 0, 3, 0, 0, 2])
+    bad = {
+        r"perm\[1\]=3 is out of range \[0, 3\)": (np.array([0, 3, 1], np.int32), *ok[1:]),
+        r"perm\[0\]=-1 is out of range": (np.array([-1, 2, 1], np.int32), *ok[1:]),
+        r"t_indices\[2\]=2 is out of range \[0, 2\)": (ok[0], np.array([0, 1, 2], np.uint16),
+                                                        ok[2]),
+        r"t_indptr must be non-decreasing": (*ok[:2], np.array([0, 2, 1, 2, 2, 2, 3], np.int32)),
+        r"t_indptr\[-1\] must equal nnz=3, got 2": (*ok[:2],
+                                                    np.array([0, 1, 1, 2, 2, 2, 2], np.int32)),
+    }
+    for message, plan in bad.items():
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(_planned(plan))
+    with pytest.raises(TypeError, match=r"transposition plan t_indptr must be 1-D int32 \[7\]"):
+        _planned((*ok[:2], np.array([0, 1, 3], np.int32)))
+    with pytest.raises(TypeError, match=r"transposition plan perm must be 1-D int32 \[3\]"):
+        _planned((ok[0].astype(np.int64), *ok[1:]))

@@ -20,7 +20,8 @@ from jax.interpreters import mlir
 from jaxsparse._pack import _via_csr, sell_spmv_p
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
 from jaxsparse._softmax import row_softmax_p, row_softmax_reference
-from jaxsparse._spmm import spmm_fused_p, spmm_fused_reference, spmm_p, spmm_reference
+from jaxsparse._spmm import (spmm_fused_p, spmm_fused_reference, spmm_p, spmm_reference,
+                             split_plan)
 
 try:
     from jaxsparse.ffi import _jaxsparse_cpu
@@ -116,6 +117,11 @@ def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, activation=No
         return jax.ffi.ffi_call("jaxsparse_nm_spmm", out_type)(
             data, positions.astype(jnp.uint8), b, bias, n=np.int64(nm[0]), m=np.int64(nm[1]),
             **attrs)
+    if fmt == "csr":  # the transposition plan, or three empty arrays
+        pattern, plan = split_plan(fmt, pattern)
+        if not plan or not transpose_a:
+            plan = (jnp.zeros((0,), jnp.int32),) * 3
+        pattern = (*pattern, *plan)
     return jax.ffi.ffi_call(f"jaxsparse_{fmt}_spmm", out_type)(data, *pattern, b, bias, **attrs)
 
 

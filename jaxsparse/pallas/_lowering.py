@@ -29,7 +29,7 @@ import jax
 from jax.interpreters import mlir
 
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
-from jaxsparse._spmm import spmm_p, spmm_reference
+from jaxsparse._spmm import split_plan, spmm_p, spmm_reference
 from jaxsparse.pallas._common import is_pow2, kernel_dtype
 from jaxsparse.pallas._sddmm import bsr_sddmm, csr_sddmm
 from jaxsparse.pallas._spmm import bsr_spmm, csr_spmm, nm_spmm
@@ -58,8 +58,8 @@ def _block_ok(block) -> bool:
 def select_spmm(avals, params):
     dtype = avals[0].dtype
     fmt = params["fmt"]
-    if params["transpose_a"]:
-        return None, "transpose_a=True"
+    if params["transpose_a"] and not split_plan(fmt, avals[1:-1])[1]:
+        return None, "transpose_a=True without a transposition plan (pack(a, transpose=True))"
     if not kernel_dtype(dtype):
         return None, f"dtype {dtype}"
     if fmt == "bsr" and not _block_ok(avals[0].shape[1:]):
@@ -71,9 +71,13 @@ def select_spmm(avals, params):
 
 def _spmm_kernel(data, *rest, fmt, shape, nm, transpose_a, layout, backend):
     *pattern, b = rest
+    pattern, plan = split_plan(fmt, pattern)
     interpret = backend != "pallas" and backend != "auto"
     if layout == "nk":  # b @ A.T = (A @ b.T).T: transpose the dense operand, not A
         b = b.T
+    if transpose_a:  # select_spmm let only a CSR matrix with a transposition plan through
+        perm, t_indices, t_indptr = plan
+        data, pattern, shape = data[perm], (t_indices, t_indptr), shape[::-1]
     if fmt == "bsr":
         out = bsr_spmm(data, *pattern, b, shape=shape, interpret=interpret)
     elif fmt == "csr":
