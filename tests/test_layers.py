@@ -6,6 +6,7 @@ import json
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -350,8 +351,51 @@ def test_sparsify_filter():
         jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=1.0)
 
 
+def _transposed_products(fn, *args):
+    """The number of transposed SpMMs in ``fn``'s jaxpr: (with a transposition plan, without)."""
+    counts = [0, 0]
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "jaxsparse_spmm" and eqn.params["transpose_a"]:
+                counts[len(eqn.invars) != 7] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return tuple(counts)
+
+
+def test_sparse_linear_transpose_plan(rng):
+    # transpose_plan=True: the same layer (forward and gradients, against float64), whose input
+    # gradient multiplies by W through the plan; sparsify passes the option on; CSR only.
+    lin = nnx.Linear(24, 40, rngs=nnx.Rngs(0))
+    plain = SparseLinear.from_dense(lin, sparsity=0.8)
+    planned = SparseLinear.from_dense(lin, sparsity=0.8, transpose_plan=True)
+    assert planned.transpose_plan and planned.weight.plan is not None
+    x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+    w64 = np.asarray(plain.masked_kernel(), np.float64)
+    loss = lambda layer, x: jnp.sum(jnp.sin(layer(x, activation="gelu")))
+    for layer in (plain, planned):
+        np.testing.assert_allclose(layer(x), np.asarray(x, np.float64) @ w64
+                                   + np.asarray(lin.bias[...], np.float64),
+                                   **TOL[jnp.float32])
+    g_plain = nnx.grad(loss, argnums=(0, 1))(plain, x)
+    g_planned = nnx.grad(loss, argnums=(0, 1))(planned, x)
+    np.testing.assert_allclose(g_planned[1], g_plain[1], **TOL[jnp.float32])
+    np.testing.assert_allclose(g_planned[0].data[...], g_plain[0].data[...], **TOL[jnp.float32])
+    grad_x = lambda layer: (lambda x: jax.grad(lambda x: loss(layer, x))(x))
+    assert _transposed_products(grad_x(planned), x) == (1, 0)
+    assert _transposed_products(grad_x(plain), x) == (0, 1)
+    model, _ = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, transpose_plan=True)
+    assert model.blocks[0].up.transpose_plan and model.head.weight.plan is not None
+    with pytest.raises(ValueError, match="transpose_plan=True needs format='csr'"):
+        SparseLinear(8, 4, sparsity=0.5, format="bsr", block_size=2, transpose_plan=True,
+                     rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("fmt,kw", [("csr", {}), ("bsr", {"block_size": 4}),
-                                    ("nm", {"n_m": (2, 4)})])
+                                    ("nm", {"n_m": (2, 4)}), ("csr", {"transpose_plan": True})])
 def test_save_load_round_trip(tmp_path, rng, fmt, kw):
     x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
     model, _ = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.6, format=fmt,

@@ -13,7 +13,7 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxsparse import prune as _prune
 from jaxsparse._formats import BSR, CSR, INDEX_DTYPE, NM, POSITION_DTYPE, SparseMatrix
-from jaxsparse._pack import pack
+from jaxsparse._pack import PackedCSR, TransposePlan, pack
 from jaxsparse._spmm import ACTIVATIONS, matmul
 
 __all__ = ["SparseLinear", "SparseMLP", "SparsityPattern", "METHODS", "FORMATS",
@@ -149,7 +149,10 @@ class SparseLinear(nnx.Module):
     fixed); the index arrays are :class:`SparsityPattern` variables (CSR column indices in 16 bits
     when ``in_features <= 65536``, as :func:`jaxsparse.pack` stores them). The product is one
     :func:`jaxsparse.matmul` of the folded input ``[prod(batch), in]`` with ``W.T`` (SpMM layout
-    ``"nk"``, no transposed copy of ``W``).
+    ``"nk"``, no transposed copy of ``W``). For training, ``transpose_plan=True`` (CSR only) also
+    stores the pattern of ``W.T`` (``t_perm``, ``t_indices``, ``t_indptr``: ~6 more bytes per
+    stored weight, see :class:`jaxsparse.TransposePlan`), so the gradient with respect to the
+    inputs, a product with ``W``, does not rebuild ``W.T`` every step.
 
     >>> layer = SparseLinear(8, 4, sparsity=0.5, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((2, 3, 8), jnp.float32)).shape
@@ -161,8 +164,8 @@ class SparseLinear(nnx.Module):
                  kernel_init: Callable = default_kernel_init,
                  bias_init: Callable = initializers.zeros_init(),
                  sparsity: float | None = 0.0, method: str | None = None, format: str = "csr",
-                 block_size=None, n_m=None, rngs: nnx.Rngs | None = None,
-                 _weight: SparseMatrix | None = None, _bias=None):
+                 block_size=None, n_m=None, transpose_plan: bool = False,
+                 rngs: nnx.Rngs | None = None, _weight: SparseMatrix | None = None, _bias=None):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.use_bias = use_bias
@@ -188,8 +191,11 @@ class SparseLinear(nnx.Module):
         if _weight.shape != (self.out_features, self.in_features) or _weight.transposed:
             raise ValueError(f"SparseLinear: weight must be stored [out_features, in_features]="
                              f"{(self.out_features, self.in_features)}, got {_weight.shape}")
+        if transpose_plan and _weight.fmt != "csr":
+            raise ValueError(f"SparseLinear: transpose_plan=True needs format='csr', got "
+                             f"format={_weight.fmt!r}")
         if _weight.fmt == "csr":  # a fixed pattern: 16-bit column indices when in_features allows
-            _weight = pack(_weight, matvec=False)
+            _weight = pack(_weight, matvec=False, transpose=transpose_plan)
         self.format = _weight.fmt
         self.block_size = tuple(_weight.block_size) if _weight.fmt == "bsr" else None
         self.n_m = (_weight.n, _weight.m) if _weight.fmt == "nm" else None
@@ -200,18 +206,27 @@ class SparseLinear(nnx.Module):
         else:
             self.indices = SparsityPattern(pattern[0])
             self.indptr = SparsityPattern(pattern[1])
+        plan = getattr(_weight, "plan", None)
+        if transpose_plan and plan is None:
+            raise ValueError("SparseLinear: transpose_plan=True needs a concrete pattern (it is "
+                             "built with NumPy), not traced arrays")
+        self.transpose_plan = plan is not None
+        if plan is not None:
+            self.t_perm, self.t_indices, self.t_indptr = map(SparsityPattern, plan)
         self.bias = nnx.Param(_bias) if use_bias else None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, linear: nnx.Linear, *, sparsity: float | None = None,
                    method: str | None = None, format: str = "csr", block_size=None, n_m=None,
-                   calibration=None, x_norms=None, x_gram=None) -> "SparseLinear":
+                   calibration=None, x_norms=None, x_gram=None,
+                   transpose_plan: bool = False) -> "SparseLinear":
         """Prune an ``nnx.Linear`` (kernel ``[in, out]``) into a SparseLinear.
 
         ``calibration`` (``method="wanda"`` or ``"sparsegpt"``) is an array of the layer's inputs
         ``[..., in]``; alternatively pass their per-feature L2 norms as ``x_norms [in]`` (wanda)
-        or their Gram matrix ``X^T X`` as ``x_gram [in, in]`` (sparsegpt).
+        or their Gram matrix ``X^T X`` as ``x_gram [in, in]`` (sparsegpt). ``transpose_plan``:
+        as in the constructor.
         """
         if not isinstance(linear, nnx.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected an nnx.Linear, got "
@@ -225,8 +240,8 @@ class SparseLinear(nnx.Module):
         bias = linear.bias[...] if linear.bias is not None else None
         return cls(linear.in_features, linear.out_features, use_bias=linear.use_bias,
                    dtype=linear.dtype, param_dtype=linear.param_dtype,
-                   precision=linear.precision, _weight=to_sparse(w, mask, format, bs, nm),
-                   _bias=bias)
+                   precision=linear.precision, transpose_plan=transpose_plan,
+                   _weight=to_sparse(w, mask, format, bs, nm), _bias=bias)
 
     # -- views ----------------------------------------------------------------------------------
     @property
@@ -236,6 +251,10 @@ class SparseLinear(nnx.Module):
         data = self.data[...]
         if self.format == "nm":
             return NM.tree_unflatten(((shape, False), *self.n_m), (data, self.positions[...]))
+        if self.transpose_plan:
+            plan = TransposePlan(self.t_perm[...], self.t_indices[...], self.t_indptr[...])
+            return PackedCSR.tree_unflatten((shape, False), (data, self.indices[...],
+                                                             self.indptr[...], None, plan))
         cls = CSR if self.format == "csr" else BSR
         return cls.tree_unflatten((shape, False), (data, self.indices[...], self.indptr[...]))
 
@@ -326,13 +345,15 @@ class SparseMLP(nnx.Module):
                  dtype: Any = None, param_dtype: Any = jnp.float32, sparsity: float | None = 0.0,
                  method: str | None = None, format: str = "csr", block_size=None, n_m=None,
                  kernel_init: Callable = default_kernel_init,
-                 bias_init: Callable = initializers.zeros_init(), rngs: nnx.Rngs | None = None,
+                 bias_init: Callable = initializers.zeros_init(), transpose_plan: bool = False,
+                 rngs: nnx.Rngs | None = None,
                  _layers: tuple[SparseLinear, SparseLinear] | None = None):
         if _layers is None:
             out_features = in_features if out_features is None else out_features
             kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, sparsity=sparsity,
                       method=method, format=format, block_size=block_size, n_m=n_m,
-                      kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                      kernel_init=kernel_init, bias_init=bias_init,
+                      transpose_plan=transpose_plan, rngs=rngs)
             _layers = (SparseLinear(in_features, hidden_features, **kw),
                        SparseLinear(hidden_features, out_features, **kw))
         fused_activation(activation)  # a name must be one of ACTIVATIONS
