@@ -167,7 +167,9 @@ def structured_cases(rng, reps, progress):
 def transposed_cases(rng, reps, progress):
     """The stored 3072x768 weight transposed (op(A) = A.T) at 90%, N=128: ``W.T @ X`` and
     ``x @ W`` (a weight stored [in, out]; also the gradients of ``W @ X`` and ``x @ W.T`` with
-    respect to the dense operand). jax.sparse: BCOO (its BCSR has no transpose)."""
+    respect to the dense operand). jaxsparse: the packed weight, whose A.T the kernel builds per
+    call, and (``jaxsparse-plan``) packed with ``transpose=True``, whose stored transposition plan
+    leaves only the values to gather. jax.sparse: BCOO (its BCSR has no transpose)."""
     from jax.experimental import sparse as jsparse
 
     m, k, n = 3072, 768, 128
@@ -182,6 +184,8 @@ def transposed_cases(rng, reps, progress):
         fn = jax.jit(product)
         methods = {
             "jaxsparse": (fn, (_packed(w), jnp.asarray(x))),
+            "jaxsparse-plan": (fn, (jaxsparse.pack(jaxsparse.CSR.fromdense(w), transpose=True),
+                                    jnp.asarray(x))),
             "dense": (fn, (jnp.asarray(w), jnp.asarray(x))),
             "jax.sparse": (fn, (jsparse.BCOO.fromdense(jnp.asarray(w)), jnp.asarray(x))),
             "scipy": (product, (sp.csr_matrix(w), x)),

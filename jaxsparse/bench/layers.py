@@ -4,7 +4,8 @@
   :class:`jaxsparse.layers.SparseMLP` (bias and GELU fused into the kernels) vs the dense
   ``nnx.Linear`` pair, and the same sparse layers with the GELU applied by XLA in between
   (``jaxsparse-unfused``); and the gradients of a loss through the same block (a fine-tuning
-  step's backward pass: SDDMM for the kept weights, transposed SpMM for the input).
+  step's backward pass: SDDMM for the kept weights, transposed SpMM through the layers'
+  transposition plans for the input).
 * Attention restricted to ``local(4096, window=128)``, 8 heads, head dim 64, batch 1:
   :func:`jaxsparse.attention` vs ``jax.nn.dot_product_attention`` with the dense mask, time and
   peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries); and the sparse
@@ -23,7 +24,7 @@ import jaxsparse
 from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
 
 
-def _mlp_pair():
+def _mlp_pair(transpose_plan=False):
     """The 90% sparse twin of a dense nnx MLP block, 128 tokens, and the dense block's
     arguments to :func:`_dense_mlp` (fc1 and fc2 kernels and biases, then the tokens)."""
     from flax import nnx
@@ -32,9 +33,9 @@ def _mlp_pair():
 
     rngs = nnx.Rngs(0)
     fc1, fc2 = nnx.Linear(768, 3072, rngs=rngs), nnx.Linear(3072, 768, rngs=rngs)
-    sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9)
+    sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9, transpose_plan=transpose_plan)
     x = jax.random.normal(jax.random.key(0), (128, 768), jnp.float32)
-    return sparse, x, (fc1.kernel.value, fc1.bias.value, fc2.kernel.value, fc2.bias.value, x)
+    return sparse, x, (fc1.kernel[...], fc1.bias[...], fc2.kernel[...], fc2.bias[...], x)
 
 
 def _dense_mlp(w1, b1, w2, b2, x):
@@ -61,10 +62,12 @@ def _mlp_case(reps):
 
 def _mlp_grad_case(reps):
     """A fine-tuning step's gradients: of a squared-error loss with respect to every weight and
-    bias and to the input (the kept values only for the sparse block: its pattern is fixed)."""
+    bias and to the input (the kept values only for the sparse block: its pattern is fixed). The
+    sparse layers hold transposition plans (``transpose_plan=True``), as layers to be fine-tuned
+    should: the backward pass multiplies by W as well as by W.T."""
     from flax import nnx
 
-    sparse, x, dense_args = _mlp_pair()
+    sparse, x, dense_args = _mlp_pair(transpose_plan=True)
     target = jax.random.normal(jax.random.key(1), (128, 768), jnp.float32)
     graphdef, params, rest = nnx.split(sparse, nnx.Param, ...)
     sparse_loss = lambda p, x: jnp.mean((nnx.merge(graphdef, p, rest)(x) - target) ** 2)
