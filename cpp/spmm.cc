@@ -482,6 +482,19 @@ int64_t RunOp(ffi::ThreadPool& pool, const SpmmProblem& p, int64_t rows, int64_t
   return RunSpmm(pool, pt, Shape{cols, cols * pt.bm, rows * p.bm, n}, nk, b, out, rows, ep);
 }
 
+// Points p at CSR column indices: int32, or uint16 as jaxsparse.pack stores them (K <= 65536).
+ffi::Error SetCsrIndices(ffi::AnyBuffer& indices, const char* name, SpmmProblem* p) {
+  if (indices.element_type() == ffi::DataType::S32) {
+    p->indices = static_cast<const int32_t*>(indices.untyped_data());
+  } else if (indices.element_type() == ffi::DataType::U16) {
+    p->indices16 = static_cast<const uint16_t*>(indices.untyped_data());
+  } else {
+    return ffi::Error::InvalidArgument(std::string("csr_spmm: ") + name +
+                                       " must be int32 or uint16");
+  }
+  return ffi::Error::Success();
+}
+
 // Copies data[perm[d]] to vals[d] for d in [d0, d1); returns the first d whose perm[d] is not
 // in [0, nnz), or -1.
 template <typename U>
@@ -521,14 +534,7 @@ ffi::Error PlannedTransposedCsr(ffi::ThreadPool& pool, const SpmmProblem& p, int
         std::to_string(t_indptr.element_count()) + " entries");
   }
   SpmmProblem pt{};
-  if (t_indices.element_type() == ffi::DataType::S32) {
-    pt.indices = static_cast<const int32_t*>(t_indices.untyped_data());
-  } else if (t_indices.element_type() == ffi::DataType::U16) {
-    pt.indices16 = static_cast<const uint16_t*>(t_indices.untyped_data());
-  } else {
-    return ffi::Error::InvalidArgument(std::string(what) +
-                                       ": t_indices must be int32 or uint16");
-  }
+  if (auto err = SetCsrIndices(t_indices, "t_indices", &pt); err.failure()) return err;
   if (auto err = ValidateIndptr(t_indptr.typed_data(), k, nnz, what, "t_indptr"); err.failure()) {
     return err;
   }
@@ -585,13 +591,7 @@ ffi::Error CsrSpmm(ffi::ThreadPool pool, ffi::AnyBuffer data, ffi::AnyBuffer ind
     return err;
   }
   SpmmProblem p{};
-  if (indices.element_type() == ffi::DataType::S32) {
-    p.indices = static_cast<const int32_t*>(indices.untyped_data());
-  } else if (indices.element_type() == ffi::DataType::U16) {
-    p.indices16 = static_cast<const uint16_t*>(indices.untyped_data());
-  } else {
-    return ffi::Error::InvalidArgument("csr_spmm: indices must be int32 or uint16");
-  }
+  if (auto err = SetCsrIndices(indices, "indices", &p); err.failure()) return err;
   if (auto err = ValidateIndptr(indptr.typed_data(), rows, nnz, "csr_spmm"); err.failure()) {
     return err;
   }
