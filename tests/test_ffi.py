@@ -686,6 +686,8 @@ def test_transpose_plan_layout_and_values(rng):
     ref = np.asarray(a.with_values(jnp.asarray(v)).todense(), np.float64).T @ x
     assert_close(_TKN(q, x, "ffi"), ref, jnp.float32)
     assert p.astype(jnp.bfloat16).plan is p.plan
+    added = jaxsparse.pack(jaxsparse.pack(a), transpose=True)  # a packed matrix gets its plan
+    assert added.matvec is not None and np.array_equal(added.plan.perm, p.plan.perm)
     tall = jaxsparse.CSR.from_scipy(sp.random(70000, 3, density=0.001, format="csr",
                                               dtype=np.float32, random_state=0))
     pt = jaxsparse.pack(tall, transpose=True)
