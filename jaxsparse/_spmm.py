@@ -12,7 +12,8 @@ pattern may be followed by a transposition plan ``(perm, t_indices, t_indptr)``
 (:class:`jaxsparse.TransposePlan`, from ``jaxsparse.pack(a, transpose=True)``), which the kernels
 use for ``transpose_a=True`` instead of building ``A.T`` per call (the reference ignores it).
 Layout, transposition and format are static, so every combination reaches a kernel without a
-transposed copy of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the same pattern.
+transposed copy of the sparse operand. The cotangent with respect to ``data`` is an SDDMM on the
+same pattern.
 
 ``spmm_fused_p.bind(data, *pattern, bias, b, activation, has_bias, <spmm_p params>)`` is the same
 product followed by ``+ bias`` (one value per row of ``op(A)``, the output features; an empty array
