@@ -123,6 +123,18 @@ const IsaKernels& SelectKernels(int dt);
 bool SetIsa(const char* name);
 const char* IsaName();          // the ISA float32 kernels use now
 bool IsaSupported(const char* name);
+// Whether the CSR matrix-vector kernels load the entries of x one by one (four chains of scalar
+// multiply-adds) instead of with 16- or 8-lane vector gathers, which are slow on AMD CPUs: on the
+// development machine (Zen 4) a 16-lane gather costs ~16 ns; scalar loads made the CSR product
+// 1.03-1.36x faster with 16- and 32-bit indices (3072x768, 768x3072 and 768x768 at 50-98%,
+// N = 1, interleaved in one process). On Intel CPUs, whose gathers are fast, not measured: they
+// keep the gathers. "auto" (scalar on AMD, gathers elsewhere), "vector" or "scalar"; SetGather
+// returns false for an unknown name.
+// The builds without vector gathers for an index type (AVX2 with 16-bit indices, the portable
+// build) always load one by one.
+bool ScalarGather();
+bool SetGather(const char* name);
+const char* GatherName();
 // Caps the threads a kernel uses (0: all of XLA's intra-op pool).
 void SetMaxThreads(int64_t n);
 int64_t MaxThreads();

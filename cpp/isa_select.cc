@@ -48,6 +48,18 @@ int InitialLevel() {
 }
 
 std::atomic<int> forced{InitialLevel()};
+enum Gather : int { kGatherAuto = -1, kGatherVector = 0, kGatherScalar = 1 };
+std::atomic<int> gather{kGatherAuto};
+
+bool SlowGathers() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  static const bool slow = __builtin_cpu_is("amd");
+  return slow;
+#else
+  return true;
+#endif
+}
 std::atomic<int64_t> max_threads{0};
 
 int CurrentLevel() {
@@ -84,6 +96,26 @@ const char* IsaName() {
     default: return "scalar";
   }
 }
+
+bool ScalarGather() {
+  const int g = gather.load(std::memory_order_relaxed);
+  return g == kGatherAuto ? SlowGathers() : g == kGatherScalar;
+}
+
+bool SetGather(const char* name) {
+  if (std::strcmp(name, "auto") == 0) {
+    gather.store(kGatherAuto);
+  } else if (std::strcmp(name, "vector") == 0) {
+    gather.store(kGatherVector);
+  } else if (std::strcmp(name, "scalar") == 0) {
+    gather.store(kGatherScalar);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+const char* GatherName() { return ScalarGather() ? "scalar" : "vector"; }
 
 void SetMaxThreads(int64_t n) { max_threads.store(n < 0 ? 0 : n); }
 int64_t MaxThreads() { return max_threads.load(std::memory_order_relaxed); }

@@ -44,6 +44,13 @@ NB_MODULE(_jaxsparse_cpu, m) {
   });
   m.def("get_isa", []() { return std::string(jaxsparse::IsaName()); });
   m.def("isa_supported", [](const std::string& name) { return jaxsparse::IsaSupported(name.c_str()); });
+  m.def("set_gather", [](const std::string& name) {
+    if (!jaxsparse::SetGather(name.c_str())) {
+      throw std::invalid_argument("set_gather: unknown mode '" + name +
+                                  "' (expected 'auto', 'vector' or 'scalar')");
+    }
+  });
+  m.def("get_gather", []() { return std::string(jaxsparse::GatherName()); });
   m.def("set_max_threads", [](int64_t n) { jaxsparse::SetMaxThreads(n); });
   m.def("get_max_threads", []() { return jaxsparse::MaxThreads(); });
 }

@@ -4,6 +4,7 @@ the nk (linear-layer) layout, and malformed sparse structure that only the kerne
 """
 
 import contextlib
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,26 @@ def test_isa_paths_agree(rng, fmt, dtype):
             for o in outs[1:]:  # builds differ only in summation order
                 assert_close(o, outs[0].astype(np.float64), dtype)
 
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: np.dtype(d).name)
+def test_matvec_gather_modes(rng, dtype):
+    """The CSR matrix-vector product reading x with vector gathers and entry by entry, for 32-
+    and 16-bit indices (packed without the sliced copy), rows of every length mod 4 and empty
+    ones, each instruction set, 1 and 2 threads, both layouts: all give the float64 result."""
+    a, _ = _skewed(rng, (45, 300), "csr", dtype)
+    for m in (a, jaxsparse.pack(a, matvec=False)):
+        for fn, x, expected in _products(m, 1, rng, dtype):
+            assert "jaxsparse_csr_spmm" in fn.lower(m, x).as_text()
+            for name, mode, threads in itertools.product(ISAS, ("vector", "scalar"), (1, 2)):
+                ffi.set_gather(mode)
+                try:
+                    with isa(name), max_threads(threads):
+                        assert_close(fn(m, x), expected, dtype)
+                finally:
+                    ffi.set_gather("auto")
+    assert ffi.get_gather() in ("vector", "scalar")
+    with pytest.raises(ValueError, match="set_gather: unknown mode 'simd'"):
+        ffi.set_gather("simd")
 
 def test_epilogue_paths(rng):
     """The fused bias + activation on every path of the kernels (N = 1: along the output vector;

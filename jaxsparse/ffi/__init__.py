@@ -69,6 +69,26 @@ def isa_supported(name: str) -> bool:
     return bool(_jaxsparse_cpu.isa_supported(name))
 
 
+GATHERS = ("auto", "vector", "scalar")
+
+
+def set_gather(mode: str) -> None:
+    """How the CSR matrix-vector kernels (``N = 1``, no sliced copy) read ``x``: ``"vector"``
+    (vector gathers), ``"scalar"`` (entry by entry, in four chains of multiply-adds), or
+    ``"auto"`` (the default: scalar on AMD CPUs, whose gathers are slow, vector elsewhere).
+    Takes effect at the next kernel call."""
+    _require()
+    if mode not in GATHERS:
+        raise ValueError(f"set_gather: unknown mode {mode!r}; expected one of {GATHERS}")
+    _jaxsparse_cpu.set_gather(mode)
+
+
+def get_gather() -> str:
+    """``"vector"`` or ``"scalar"``: how the CSR matrix-vector kernels read ``x`` now."""
+    _require()
+    return _jaxsparse_cpu.get_gather()
+
+
 def set_max_threads(n: int) -> None:
     """Cap the threads each kernel call uses on XLA's intra-op pool (0: no cap, the default)."""
     _require()
