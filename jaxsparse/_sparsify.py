@@ -159,7 +159,8 @@ def _calibration_groups(linears, gram: bool, budget: int | None) -> list[list]:
 
 def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | None = None,
              format: str = "csr", filter=None, calibration=None, block_size=None, n_m=None,
-             calibration_memory: int | None = 1 << 30, transpose_plan: bool = False):
+             calibration_memory: int | None = 1 << 30, transpose_plan: bool = False,
+             matvec: bool = False):
     """Replace every ``nnx.Linear`` of ``model`` (selected by ``filter``) with a pruned
     :class:`~jaxsparse.layers.SparseLinear`; returns ``(model, report)``. The model is modified in
     place (pass a copy, e.g. ``nnx.clone(model)``, to keep the dense one).
@@ -180,6 +181,10 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
       that does, each run on the still dense model, so the result is the same.
     * ``transpose_plan`` (csr): store each layer's :class:`jaxsparse.TransposePlan` too, for
       fine-tuning the sparse model (see :class:`~jaxsparse.layers.SparseLinear`).
+    * ``matvec`` (csr, float32): store each layer's sliced matrix-vector copy too, for inference
+      one input vector at a time (a single token or sample); the layers' values are then
+      :class:`~jaxsparse.layers.FrozenWeight`, not parameters (see
+      :class:`~jaxsparse.layers.SparseLinear`).
 
     >>> model, report = jaxsparse.sparsify(model, sparsity=0.9)
     >>> print(report)  # a table; json.dumps(report) works as well
@@ -207,7 +212,7 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
             try:
                 new = SparseLinear.from_dense(lin, sparsity=sparsity, method=method,
                                               format=format, block_size=block_size, n_m=n_m,
-                                              transpose_plan=transpose_plan,
+                                              transpose_plan=transpose_plan, matvec=matvec,
                                               **{stat_arg: stats.pop(_path_str(path), None)})
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
@@ -256,7 +261,7 @@ def save_state(path, model: nnx.Module) -> None:
         layers["/".join(map(str, p))] = dict(
             in_features=layer.in_features, out_features=layer.out_features,
             use_bias=layer.use_bias, format=layer.format, block_size=layer.block_size,
-            n_m=layer.n_m, transpose_plan=layer.transpose_plan,
+            n_m=layer.n_m, transpose_plan=layer.transpose_plan, matvec=layer.matvec,
             param_dtype=np.dtype(layer.param_dtype).name,
             dtype=None if layer.dtype is None else np.dtype(layer.dtype).name)
     flat[_META_KEY] = np.asarray(json.dumps(layers))
@@ -287,8 +292,8 @@ def load_state(path, model: nnx.Module) -> nnx.Module:
         layer = SparseLinear(meta["in_features"], meta["out_features"], use_bias=meta["use_bias"],
                              dtype=meta["dtype"] and jnp.dtype(meta["dtype"]),
                              param_dtype=jnp.dtype(meta["param_dtype"]),
-                             transpose_plan=meta.get("transpose_plan", False), _weight=w,
-                             _bias=bias)
+                             transpose_plan=meta.get("transpose_plan", False),
+                             matvec=meta.get("matvec", False), _weight=w, _bias=bias)
         _replace(model, keys, layer)
     state = nnx.state(model)
 

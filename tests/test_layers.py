@@ -10,10 +10,11 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from flax import nnx
 
 import jaxsparse
-from jaxsparse.layers import SparseLinear, SparseMLP
+from jaxsparse.layers import FrozenWeight, SparseLinear, SparseMLP
 from jaxsparse.layers.linen import SparseDense
 
 CALL = nnx.jit(lambda m, x: m(x))
@@ -394,8 +395,47 @@ def test_sparse_linear_transpose_plan(rng):
                      rngs=nnx.Rngs(0))
 
 
+def test_sparse_linear_matvec(rng):
+    # matvec=True: one input vector at a time goes through the sliced copy (the native
+    # matrix-vector product), more rows through the CSR product; both against float64. The values
+    # are frozen (not a Param: an optimizer cannot change them without their copy); gradients
+    # still reach the inputs and the bias. sparsify passes the option on; CSR float32 only.
+    lin = nnx.Linear(150, 70, rngs=nnx.Rngs(0))  # 3 column windows; 70 rows: a partial slice
+    plain = SparseLinear.from_dense(lin, sparsity=0.8)
+    mv = SparseLinear.from_dense(lin, sparsity=0.8, matvec=True)
+    assert mv.matvec and not plain.matvec and isinstance(mv.data, FrozenWeight)
+    assert mv.weight.matvec is not None
+    w64 = np.asarray(plain.masked_kernel(), np.float64)
+    b64 = np.asarray(lin.bias[...], np.float64)
+    for shape in [(150,), (1, 150), (1, 1, 150), (4, 150)]:
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        ref = np.asarray(x, np.float64) @ w64 + b64
+        np.testing.assert_allclose(CALL(mv, x), ref, **TOL[jnp.float32])
+        gelu = nnx.jit(lambda m, x: m(x, activation="gelu"))(mv, x)
+        np.testing.assert_allclose(gelu, ref * (1 + scipy.special.erf(ref / np.sqrt(2))) / 2,
+                                   **TOL[jnp.float32])
+    x = jnp.asarray(rng.standard_normal((1, 150)), jnp.float32)
+    uses_sliced = lambda layer: "jaxsparse_sell_spmv" in str(jax.make_jaxpr(layer)(x))
+    assert uses_sliced(mv) and not uses_sliced(plain)
+    loss = lambda layer, x: jnp.sum(jnp.sin(layer(x)))
+    g_mv = nnx.grad(loss, argnums=(0, 1))(mv, x)
+    g_plain = nnx.grad(loss, argnums=(0, 1))(plain, x)
+    np.testing.assert_allclose(g_mv[1], g_plain[1], **TOL[jnp.float32])
+    assert list(nnx.to_pure_dict(g_mv[0])) == ["bias"]
+    np.testing.assert_allclose(g_mv[0].bias[...], g_plain[0].bias[...], **TOL[jnp.float32])
+    x = jnp.asarray(rng.standard_normal((8,)), jnp.float32)
+    model, _ = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.5, matvec=True)
+    assert model.blocks[0].up.matvec and model.head.weight.matvec is not None
+    np.testing.assert_allclose(CALL(model, x), CALL(masked_twin(model), x), rtol=1e-4,
+                               atol=1e-5)
+    for kw in ({"format": "bsr", "block_size": 2}, {"param_dtype": jnp.float64}):
+        with pytest.raises(ValueError, match="matvec=True needs format='csr' and float32"):
+            SparseLinear(8, 4, sparsity=0.5, matvec=True, rngs=nnx.Rngs(0), **kw)
+
+
 @pytest.mark.parametrize("fmt,kw", [("csr", {}), ("bsr", {"block_size": 4}),
-                                    ("nm", {"n_m": (2, 4)}), ("csr", {"transpose_plan": True})])
+                                    ("nm", {"n_m": (2, 4)}), ("csr", {"transpose_plan": True}),
+                                    ("csr", {"matvec": True})])
 def test_save_load_round_trip(tmp_path, rng, fmt, kw):
     x = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
     model, _ = jaxsparse.sparsify(Model(rngs=nnx.Rngs(0)), sparsity=0.6, format=fmt,
