@@ -6,6 +6,9 @@
   (``jaxsparse-unfused``); and the gradients of a loss through the same block (a fine-tuning
   step's backward pass: SDDMM for the kept weights, transposed SpMM through the layers'
   transposition plans for the input).
+* The same MLP block on one token (decoding one input vector at a time): layers built with
+  ``matvec=True`` (the sliced matrix-vector copy) vs the default layers (``jaxsparse-csr``) vs
+  dense.
 * Attention restricted to ``local(4096, window=128)``, 8 heads, head dim 64, batch 1:
   :func:`jaxsparse.attention` vs ``jax.nn.dot_product_attention`` with the dense mask, time and
   peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries); and the sparse
@@ -24,8 +27,8 @@ import jaxsparse
 from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
 
 
-def _mlp_pair(transpose_plan=False):
-    """The 90% sparse twin of a dense nnx MLP block, 128 tokens, and the dense block's
+def _mlp_pair(transpose_plan=False, matvec=False, tokens=128):
+    """The 90% sparse twin of a dense nnx MLP block, ``tokens`` tokens, and the dense block's
     arguments to :func:`_dense_mlp` (fc1 and fc2 kernels and biases, then the tokens)."""
     from flax import nnx
 
@@ -33,8 +36,9 @@ def _mlp_pair(transpose_plan=False):
 
     rngs = nnx.Rngs(0)
     fc1, fc2 = nnx.Linear(768, 3072, rngs=rngs), nnx.Linear(3072, 768, rngs=rngs)
-    sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9, transpose_plan=transpose_plan)
-    x = jax.random.normal(jax.random.key(0), (128, 768), jnp.float32)
+    sparse = SparseMLP.from_dense(fc1, fc2, sparsity=0.9, transpose_plan=transpose_plan,
+                                  matvec=matvec)
+    x = jax.random.normal(jax.random.key(0), (tokens, 768), jnp.float32)
     return sparse, x, (fc1.kernel[...], fc1.bias[...], fc2.kernel[...], fc2.bias[...], x)
 
 
@@ -58,6 +62,22 @@ def _mlp_case(reps):
                               "dense": (jax.jit(_dense_mlp), dense_args)}, reps)
     return Case("layers", "MLP 768->3072->768, 128 tokens, s=0.9",
                 dict(kind="mlp", tokens=128, sparsity=0.9), times)
+
+
+def _mlp_token_case(reps):
+    """One token through the MLP block (decoding): the layers' sliced matrix-vector copy
+    (``matvec=True``) against their CSR product and the dense block."""
+    from flax import nnx
+
+    methods = {}
+    for name, matvec in (("jaxsparse", True), ("jaxsparse-csr", False)):
+        sparse, x, dense_args = _mlp_pair(matvec=matvec, tokens=1)
+        graphdef, state = nnx.split(sparse)
+        fn = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
+        methods[name] = (fn, (state, x))
+    methods["dense"] = (jax.jit(_dense_mlp), dense_args)
+    return Case("layers", "MLP 768->3072->768, 1 token (matvec=True layers), s=0.9",
+                dict(kind="mlp_token", tokens=1, sparsity=0.9), time_interleaved(methods, reps))
 
 
 def _mlp_grad_case(reps):
@@ -106,6 +126,7 @@ def _attention_case(reps, seq=4096, window=128, heads=8, head_dim=64, dense=True
 def summary_lines(cases) -> list[str]:
     mlp = next(c for c in cases if c.params["kind"] == "mlp")
     grad = next(c for c in cases if c.params["kind"] == "mlp_grad")
+    token = next(c for c in cases if c.params["kind"] == "mlp_token")
     att = next(c for c in cases if c.params["kind"] == "attention" and "dense" in c.times_ms)
     mem = att.params["peak_mb"]
     big = [c for c in cases if c.params["kind"] == "attention" and "dense" not in c.times_ms]
@@ -122,6 +143,10 @@ def summary_lines(cases) -> list[str]:
               f"MLP gradients (fine-tuning step's backward pass): "
               f"{grad.times_ms['jaxsparse']:.3f} ms sparse, {grad.times_ms['dense']:.3f} ms dense, "
               f"{grad.speedup('jaxsparse'):.2f}x.",
+              f"MLP on one token: {token.times_ms['jaxsparse']:.3f} ms with matvec=True layers "
+              f"({token.speedup('jaxsparse'):.2f}x over dense), "
+              f"{token.times_ms['jaxsparse-csr']:.3f} ms with the default layers "
+              f"({token.speedup('jaxsparse-csr'):.2f}x), {token.times_ms['dense']:.3f} ms dense.",
               f"Peak memory (compiled): sparse {mem['jaxsparse']:.0f} MiB, dense "
               f"{mem['dense']:.0f} MiB."]
     for c in big:
@@ -137,13 +162,15 @@ def main(args):
 
     reps = args.reps or 7
     info = machine_info()
-    steps = [lambda: _mlp_case(reps), lambda: _mlp_grad_case(reps), lambda: _attention_case(reps),
+    steps = [lambda: _mlp_case(reps), lambda: _mlp_grad_case(reps), lambda: _mlp_token_case(reps),
+             lambda: _attention_case(reps),
              lambda: _attention_case(3, seq=16384, dense=False)]
     cases = []
     for step in tqdm(steps, desc="layer benchmark", unit="case"):
         cases.append(step())
     summary = summary_lines(cases)
-    paths = write_results(args.name, cases, ["jaxsparse", "jaxsparse-unfused", "dense"],
+    paths = write_results(args.name, cases, ["jaxsparse", "jaxsparse-unfused", "jaxsparse-csr",
+                                             "dense"],
                           Path(args.out), info, summary)
     print("\n".join(summary))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
