@@ -53,11 +53,13 @@ std::atomic<int> gather{kGatherAuto};
 
 bool SlowGathers() {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  static const bool slow = __builtin_cpu_is("amd");
+  static const bool slow = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
   return slow;
 #else
-  return true;
+  return true;  // no vector gathers: the portable build loads one by one anyway
 #endif
 }
 std::atomic<int64_t> max_threads{0};
