@@ -53,6 +53,15 @@ def max_threads(n):
         ffi.set_max_threads(0)
 
 
+@contextlib.contextmanager
+def gather(mode):
+    ffi.set_gather(mode)
+    try:
+        yield
+    finally:
+        ffi.set_gather("auto")
+
+
 def _skewed(rng, shape, fmt, dtype, density=0.2):
     """A random matrix with empty rows and a few very long ones (DLMC-like skew)."""
     m, k = shape
@@ -126,12 +135,8 @@ def test_matvec_gather_modes(rng, dtype):
         for fn, x, expected in _products(m, 1, rng, dtype):
             assert "jaxsparse_csr_spmm" in fn.lower(m, x).as_text()
             for name, mode, threads in itertools.product(ISAS, ("vector", "scalar"), (1, 2)):
-                ffi.set_gather(mode)
-                try:
-                    with isa(name), max_threads(threads):
-                        assert_close(fn(m, x), expected, dtype)
-                finally:
-                    ffi.set_gather("auto")
+                with isa(name), gather(mode), max_threads(threads):
+                    assert_close(fn(m, x), expected, dtype)
     assert ffi.get_gather() in ("vector", "scalar")
     with pytest.raises(ValueError, match="set_gather: unknown mode 'simd'"):
         ffi.set_gather("simd")
