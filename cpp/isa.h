@@ -55,26 +55,32 @@ struct SddmmProblem {
   void* out;
 };
 
-// A matrix-vector product y = A x on the sliced layout that jaxsparse.pack builds for float32 CSR
-// matrices (see _pack.py): rows in slices of kSellLanes; within a slice, the columns in windows of
-// kSellWindow; for each (slice, window) group holding entries, `slots` vectors of kSellLanes
-// (value, column-in-window) pairs, lane j belonging to row 16 s + j. A slot needs no gather: its
-// 16 columns index the window of x held in four registers: 63 columns of x and a zero, which
-// padding lanes (value 0, column kSellPad) read, so that a NaN or Inf in x never meets a padded
-// 0 (only stored entries multiply, as in the other kernels).
+// A product y = A x of a few vectors x (N <= kSellMaxN in one pass) on the sliced layout that
+// jaxsparse.pack builds for float32 CSR matrices (see _pack.py): rows in slices of kSellLanes;
+// within a slice, the columns in windows of kSellWindow; for each (slice, window) group holding
+// entries, `slots` vectors of kSellLanes (value, column-in-window) pairs, lane j belonging to row
+// 16 s + j. A slot needs no gather: its 16 columns index the window of x held in four registers:
+// 63 columns of x and a zero, which padding lanes (value 0, column kSellPad) read, so that a NaN
+// or Inf in x never meets a padded 0 (only stored entries multiply, as in the other kernels).
+// The columns of a slot are read once for every vector of the pass.
 constexpr int64_t kSellLanes = 16;
 constexpr int64_t kSellWindow = 63;   // columns of A per window
 constexpr int64_t kSellStride = 64;   // floats per window of the padded x
 constexpr uint8_t kSellPad = 63;      // the column of padding lanes: the zero after each window
+constexpr int64_t kSellMaxN = 4;      // vectors per pass (four registers of x each)
 struct SellProblem {
   const float* values;         // [slots * 16]
   const uint8_t* columns;      // [slots * 16], each < 63, or kSellPad
   const int32_t* group_window; // [groups]: window of x of each group
   const int32_t* group_ptr;    // [groups + 1]: first slot of each group
   const int32_t* slice_ptr;    // [slices + 1]: first group of each slice
-  const float* x;              // [windows * 64]: window w is x[63 w, 63 w + 63), zeros after
-  float* y;                    // [m]
+  const float* x;              // vector j: x + j * x_stride, [windows * 64]: window w is
+                               // x[63 w, 63 w + 63), zeros after
+  int64_t x_stride;
+  float* y;                    // y[i, j] (row i of A, vector j) at y[i * y_row + j * y_vec]
+  int64_t y_row, y_vec;
   int64_t m;
+  int64_t n;                   // vectors in this pass, 1 to kSellMaxN
 };
 
 // spmm_rows visits the entries of a float32 product in K-blocks, up to kBlockedRows rows at a
@@ -92,7 +98,7 @@ struct IsaKernels {
   // N = 1: y[r] = A[r, :] . x for rows [r0, r1); x is float32 [K], y has type p.dt.
   void (*spmv_rows)(const SpmmProblem& p, const float* x, int64_t r0, int64_t r1, void* y);
   void (*sddmm_rows)(const SddmmProblem& p, int64_t r0, int64_t r1);
-  // y for the rows of slices [s0, s1) of a sliced matrix-vector product. Reads x only within
+  // y for the rows of slices [s0, s1) of a sliced product (all p.n vectors). Reads x only within
   // each group's window, whatever the columns hold; returns the OR of all the columns it read,
   // so the caller can tell (>= 64) that one was out of range.
   uint8_t (*sell_rows)(const SellProblem& p, int64_t s0, int64_t s1);

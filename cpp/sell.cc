@@ -1,7 +1,8 @@
-// The matrix-vector product on the sliced layout that jaxsparse.pack builds for float32 CSR
-// matrices (isa.h, SellProblem): y [M] = A x, x [K]. The layout is checked in O(size) before it
-// is read through: the offsets arrays on the calling thread, each part's windows and columns on
-// the thread that computes the part.
+// The product of a few vectors on the sliced layout that jaxsparse.pack builds for float32 CSR
+// matrices (isa.h, SellProblem): y [M, N] = A x with x [K, N] (layout kn) or y [N, M] = x A^T
+// with x [N, K] (nk). The layout is checked in O(size) before it is read through: the offsets
+// arrays on the calling thread, each part's windows and columns on the thread that computes the
+// part.
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -55,8 +56,14 @@ int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
 ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
                     ffi::Buffer<ffi::U8> columns, ffi::Buffer<ffi::S32> group_window,
                     ffi::Buffer<ffi::S32> group_ptr, ffi::Buffer<ffi::S32> slice_ptr,
-                    ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const int64_t m = y->element_count(), k = x.element_count();
+                    ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y, bool nk) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || (nk ? xd[0] != yd[0] : xd[1] != yd[1])) {
+    return ffi::Error::InvalidArgument(
+        std::string(kWhat) + ": x and y must be 2-D with the same number of vectors (" +
+        (nk ? "x [N, K], y [N, M]" : "x [K, N], y [M, N]") + ")");
+  }
+  const int64_t n = nk ? xd[0] : xd[1], k = nk ? xd[1] : xd[0], m = nk ? yd[1] : yd[0];
   const int64_t slices = (m + kSellLanes - 1) / kSellLanes;
   const int64_t groups = group_window.element_count();
   if (static_cast<int64_t>(slice_ptr.element_count()) != slices + 1 ||
@@ -84,20 +91,30 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
       err.failure()) {
     return err;
   }
-  if (m == 0) return ffi::Error::Success();
-  // x in windows of 63 columns, each followed by zeros up to 64 floats: the kernels load each
-  // window whole, and padding lanes read its zero.
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  // Each vector of x in windows of 63 columns, each followed by zeros up to 64 floats: the
+  // kernels load each window whole, and padding lanes read its zero.
   const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
-  Scratch xpad = AlignedScratch(windows * kSellStride * sizeof(float));
+  const int64_t x_stride = windows * kSellStride;
+  Scratch xpad = AlignedScratch(n * x_stride * sizeof(float));
   float* xp = reinterpret_cast<float*>(xpad.get());
-  std::fill(xp, xp + windows * kSellStride, 0.0f);
-  for (int64_t w = 0; w < windows; ++w) {
-    std::memcpy(xp + w * kSellStride, x.typed_data() + w * kSellWindow,
-                std::min(kSellWindow, k - w * kSellWindow) * sizeof(float));
+  std::fill(xp, xp + n * x_stride, 0.0f);
+  const float* xs = x.typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t w = 0; w < windows; ++w) {
+      float* dst = xp + j * x_stride + w * kSellStride;
+      const int64_t width = std::min(kSellWindow, k - w * kSellWindow);
+      if (nk) {
+        std::memcpy(dst, xs + j * k + w * kSellWindow, width * sizeof(float));
+      } else {
+        for (int64_t c = 0; c < width; ++c) dst[c] = xs[(w * kSellWindow + c) * n + j];
+      }
+    }
   }
 
   SellProblem p{values.typed_data(), columns.typed_data(), group_window.typed_data(),
-                group_ptr.typed_data(), slice_ptr.typed_data(), xp, y->typed_data(), m};
+                group_ptr.typed_data(), slice_ptr.typed_data(), xp, x_stride, y->typed_data(),
+                nk ? 1 : n, nk ? m : 1, m, 0};
   // Parts of equal work: slots per slice, as an offsets array for Partition.
   std::vector<int32_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = p.group_ptr[p.slice_ptr[s]];
@@ -108,9 +125,16 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   ParallelFor(pool, n_parts, [&](int64_t q) {
     const int64_t g0 = p.slice_ptr[parts[q]], g1 = p.slice_ptr[parts[q + 1]];
     int64_t bad = FirstBadGroup(p, g0, g1, k);
-    if (bad < 0 && kern.sell_rows(p, parts[q], parts[q + 1]) >= kSellStride) {
-      bad = FirstWideColumn(p, g0, g1);
+    uint8_t seen = 0;
+    // The vectors in passes of up to kSellMaxN, each over the part's slices (in cache by then).
+    for (int64_t j0 = 0; bad < 0 && j0 < n; j0 += kSellMaxN) {
+      SellProblem pass = p;
+      pass.x += j0 * x_stride;
+      pass.y += j0 * p.y_vec;
+      pass.n = std::min(kSellMaxN, n - j0);
+      seen |= kern.sell_rows(pass, parts[q], parts[q + 1]);
     }
+    if (bad < 0 && seen >= kSellStride) bad = FirstWideColumn(p, g0, g1);
     if (bad >= 0) first_bad.Report(bad);
   });
   if (const int64_t g = first_bad.Get(); g >= 0) {
@@ -133,7 +157,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSellSpmv, SellSpmv,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_window [groups]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_ptr [groups + 1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr [slices + 1]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x: K elements, any shape
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y: M elements, any shape
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [K, N] or [N, K] (nk)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N] or [N, M] (nk)
+                                  .Attr<bool>("nk"));
 
 }  // namespace jaxsparse

@@ -4,8 +4,8 @@ Weights do not change at inference time, so their layout can be chosen for the k
 SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :class:`PackedCSR`:
 
 * column indices in 16 bits when ``K <= 65536`` (6 bytes per float32 nonzero instead of 8);
-* for float32, a second copy of the matrix in a *sliced* layout for the matrix-vector product
-  (``N = 1``): rows in slices of 16, columns in windows of 63. For each (slice, window) holding
+* for float32, a second copy of the matrix in a *sliced* layout for products with one vector
+  (``N = 1``) or a few (:func:`takes_sliced`): rows in slices of 16, columns in windows of 63. For each (slice, window) holding
   entries it stores ``c`` vectors of 16 ``(value, column - 63 * window)`` pairs, lane ``j`` for row
   ``16 * slice + j``, where ``c`` is the most entries any of the 16 rows has in the window (the
   others padded with value 0 and column 63). The kernel then needs no gather: the 16 columns of a
@@ -13,11 +13,12 @@ SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :clas
   and a zero, which the padding reads, so a NaN or Inf in ``x`` never meets a padded 0. The 16
   sums are the 16 lanes of one accumulator, with no horizontal sums. On a 3072x768 matrix at 90%
   sparsity this holds ~1.7 slots per nonzero (~8.6 bytes per nonzero with the 1-byte columns)
-  and runs ~2.6x faster than the gathering CSR kernel.
+  and runs ~2.6x faster than the gathering CSR kernel. With several vectors the kernel reads
+  each slot's columns once for up to four of them.
 
 A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
 ``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
-only the native CPU matrix-vector product reads the sliced copy.
+only the native CPU products of one or a few vectors read the sliced copy.
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
 
     * :class:`CSR`: a :class:`PackedCSR` with 16-bit column indices when ``K <= 65536`` and, for a
       float32 matrix with concrete arrays and ``matvec=True``, the sliced layout that the native
-      CPU matrix-vector product (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``) uses.
+      CPU products with one vector (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``)
+      use, and those with a few (``x`` ``[K, N]`` or ``[N, K]`` while ``N`` times the slots per
+      stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%).
       The sliced copy takes ~1.7x (90% sparsity) to ~3x (98%) the nonzeros in 5-byte slots; pass
-      ``matvec=False`` when the weight only meets ``N > 1`` products. ``transpose=True`` also
+      ``matvec=False`` when the weight only meets larger ``N``. ``transpose=True`` also
       stores a :class:`TransposePlan` (the pattern of ``A.T`` and a permutation, ~6 more bytes
       per stored entry) so that products with ``A.T`` (``A.T @ X``, ``x @ A``, and the gradient
       of ``A @ X`` or ``x @ A.T`` with respect to ``X`` in training) gather the values per call
@@ -189,8 +192,23 @@ def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
 sell_spmv_p = Primitive("jaxsparse_sell_spmv")
 
 
+def takes_sliced(a: PackedCSR, n: int) -> bool:
+    """Whether a product of ``a`` (with a sliced copy) and ``n`` vectors goes through the copy:
+    always for one vector; for a few while ``n`` times the slots per stored entry is at most 8.
+
+    Each vector costs the sliced kernel about as much as the first (x is permuted per vector),
+    while the CSR kernel takes ``n = 2`` to ``16`` at about one cost (a masked vector of x per
+    entry). Measured on the development machine (both layouts, two threads, interleaved in one
+    process): at 90% sparsity (1.7 slots per entry: ``n <= 4`` taken), 3072x768, 768x3072 and
+    768x768 with ``n = 2`` to ``4``, 1.2-3.3x faster than the CSR kernel, at ``n = 8`` 0.7-1.2x;
+    at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x, ``n = 4`` 0.9-1.3x; at 99.5%
+    (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout."""
+    return n == 1 or (n >= 1 and n * a.matvec.values.shape[0] <= 8 * a.data.shape[0])
+
+
 def sell_spmv(a: PackedCSR, b, *, layout: str, backend: str):
-    """``a @ b`` (``layout="kn"``, ``b`` ``[K, 1]``) or ``b @ a.T`` (``"nk"``, ``b`` ``[1, K]``)."""
+    """``a @ b`` (``layout="kn"``, ``b`` ``[K, N]``) or ``b @ a.T`` (``"nk"``, ``b`` ``[N, K]``)
+    for a few vectors (:func:`takes_sliced`)."""
     return sell_spmv_p.bind(a.data, a.indices, a.indptr, *a.matvec, b, shape=a.stored_shape,
                             layout=layout, backend=backend)
 
@@ -220,8 +238,8 @@ def _abstract_eval(*args, shape, layout, backend):
                         "int32 group_window, group_ptr, slice_ptr); got "
                         f"{[(s.dtype, s.shape) for s in sliced]}")
     n = csr[3].shape[1] if layout == "kn" else csr[3].shape[0]
-    if n != 1 or csr[0].dtype != jnp.float32:
-        raise ValueError(f"sell_spmv: a float32 matrix-vector product only, got N={n}, "
+    if n < 1 or csr[0].dtype != jnp.float32:
+        raise ValueError(f"sell_spmv: float32 products of at least one vector only, got N={n}, "
                          f"dtype={csr[0].dtype}")
     return _spmm_abstract_eval(*csr, **_csr_params(shape, layout, backend))
 

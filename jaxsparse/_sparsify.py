@@ -181,8 +181,8 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
       that does, each run on the still dense model, so the result is the same.
     * ``transpose_plan`` (csr): store each layer's :class:`jaxsparse.TransposePlan` too, for
       fine-tuning the sparse model (see :class:`~jaxsparse.layers.SparseLinear`).
-    * ``matvec`` (csr, float32): store each layer's sliced matrix-vector copy too, for inference
-      one input vector at a time (a single token or sample); the layers' values are then
+    * ``matvec`` (csr, float32): store each layer's sliced copy too, for inference on one or a
+      few input vectors at a time (decoding a few tokens or samples); the layers' values are then
       :class:`~jaxsparse.layers.FrozenWeight`, not parameters (see
       :class:`~jaxsparse.layers.SparseLinear`).
 

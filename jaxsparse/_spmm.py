@@ -166,11 +166,12 @@ def spmm(a: SparseMatrix, b, *, transpose_a: bool = False, layout: str = "kn",
     params = dict(transpose_a=bool(transpose_a), layout=layout,
                   backend=_config.resolve_backend(backend), **a._prim_params())
     n = b.shape[1] if layout == "kn" else b.shape[0]
-    if getattr(a, "matvec", None) is not None and not transpose_a and n == 1 and \
+    if getattr(a, "matvec", None) is not None and not transpose_a and \
             a.dtype == jnp.float32 and b.dtype == jnp.float32:
-        from jaxsparse._pack import sell_spmv  # a packed matrix-vector product
-        out = sell_spmv(a, b, layout=layout, backend=params["backend"])
-        return _epilogue(out, bias, activation, layout)
+        from jaxsparse._pack import sell_spmv, takes_sliced  # a packed product of a few vectors
+        if takes_sliced(a, n):
+            out = sell_spmv(a, b, layout=layout, backend=params["backend"])
+            return _epilogue(out, bias, activation, layout)
     pattern = (*a.pattern_arrays, *(getattr(a, "plan", None) or ()))
     if bias is None and activation is None:
         return spmm_p.bind(a.values, *pattern, b, **params)

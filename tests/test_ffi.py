@@ -568,6 +568,58 @@ def test_pack_sliced_matvec(rng, shape):
     assert_close(ref(p, x), a64 @ x64, jnp.float32)
 
 
+@pytest.mark.parametrize("shape", _SLICED_SHAPES, ids=str)
+def test_pack_sliced_several_vectors(rng, shape):
+    """The sliced kernel on 2 to 9 vectors (passes of up to four: 9 = 4 + 4 + 1), both layouts,
+    every ISA, one and two threads, against float64, with a NaN in one vector that only its own
+    products of stored entries may see."""
+    from jaxsparse._pack import sell_spmv
+    a, a64 = _skewed(rng, shape, "csr", jnp.float32)
+    p = jaxsparse.pack(a)
+    m, k = shape
+    kn = jax.jit(lambda p, x: sell_spmv(p, x, layout="kn", backend="ffi"))
+    nk = jax.jit(lambda p, x: sell_spmv(p, x, layout="nk", backend="ffi"))
+    for n in (2, 3, 4, 5, 9):
+        x, x64 = rounded(rng.standard_normal((k, n)), jnp.float32)
+        x, x64 = np.array(x), x64.copy()
+        x[0, 1] = x64[0, 1] = np.nan  # vector 1 at column 0 of A, which most rows do not store
+        expected = a64 @ np.nan_to_num(x64)
+        expected[a64[:, 0] != 0, 1] = np.nan
+        xt = np.ascontiguousarray(x.T)
+        for name in ISAS:
+            for threads in (1, 2):
+                with isa(name), max_threads(threads):
+                    got_kn, got_nk = np.asarray(kn(p, x)), np.asarray(nk(p, xt))
+                for got in (got_kn, got_nk.T):
+                    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+                    assert_close(np.nan_to_num(got), np.nan_to_num(expected), jnp.float32)
+
+
+def test_pack_sliced_routing(rng):
+    """matmul takes the sliced copy for one vector, and for a few while N times the slots per
+    stored entry stays within 8 (jaxsparse._pack.takes_sliced); the CSR kernel otherwise."""
+    from jaxsparse._pack import takes_sliced
+    two_vectors = set()
+    for density in (0.1, 0.02, 0.004):
+        mask = rng.random((96, 400)) < density
+        w = rng.standard_normal(mask.shape).astype(np.float32) * mask
+        p = jaxsparse.pack(jaxsparse.CSR.fromdense(w))
+        ratio = p.matvec.values.shape[0] / p.nnz
+        for n in range(1, 10):
+            x = rng.standard_normal((400, n)).astype(np.float32)
+            sliced = n == 1 or n * ratio <= 8
+            assert takes_sliced(p, n) == sliced
+            expected = w.astype(np.float64) @ x.astype(np.float64)
+            for fn, xx, out in ((lambda p, x: p @ x, x, lambda y: y),
+                                (lambda p, x: x @ p.T, x.T, lambda y: y.T)):
+                text = jax.jit(fn).lower(p, xx).as_text()
+                assert ("jaxsparse_sell_spmv" in text) == sliced
+                assert ("jaxsparse_csr_spmm" in text) != sliced
+                assert_close(out(jax.jit(fn)(p, xx)), expected, jnp.float32)
+        two_vectors.add(takes_sliced(p, 2))
+    assert two_vectors == {True, False}  # 1.7 slots per stored entry at 10%, over 4 at 0.4%
+
+
 def test_pack_sliced_matvec_transforms(rng):
     """grad (to the CSR values and to x), vmap (N > 1 through the CSR kernel), the transposed
     product, and the copies that drop the sliced layout."""

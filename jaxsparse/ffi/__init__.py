@@ -147,9 +147,9 @@ def _spmm_native(data, *rest, fmt, shape, nm, transpose_a, layout, activation=No
 
 def _sell_native(data, indices, indptr, *rest, shape, layout, **_):
     *sliced, b = rest
-    out_shape = (shape[0], 1) if layout == "kn" else (1, shape[0])
+    out_shape = (shape[0], b.shape[1]) if layout == "kn" else (b.shape[0], shape[0])
     return jax.ffi.ffi_call("jaxsparse_sell_spmv", jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-        *sliced, b)
+        *sliced, b, nk=np.bool_(layout == "nk"))
 
 
 def _sddmm_native(lhs, rhs, *pattern, fmt, nm, block, transpose_lhs, transpose_rhs, **_):

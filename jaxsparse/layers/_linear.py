@@ -160,11 +160,12 @@ class SparseLinear(nnx.Module):
     stored weight, see :class:`jaxsparse.TransposePlan`), so the gradient with respect to the
     inputs, a product with ``W``, does not rebuild ``W.T`` every step.
 
-    For inference one input vector at a time (a single token or sample: ``inputs`` holding one
-    row of ``in_features``), ``matvec=True`` (CSR, float32) also stores the sliced copy of the
-    weight that the native matrix-vector kernel reads (see :func:`jaxsparse.pack`; ~8.6 more
-    bytes per stored weight at 90% sparsity): 3072x768 at 90%, ~0.05 ms per vector against ~0.1
-    ms for the CSR kernel on the development machine.
+    For inference one or a few input vectors at a time (decoding: ``inputs`` holding one row of
+    ``in_features``, or up to 4 at 90% sparsity), ``matvec=True`` (CSR, float32) also stores the
+    sliced copy of the weight that the native kernel for so few vectors reads (see
+    :func:`jaxsparse.pack`; ~8.6 more bytes per stored weight at 90% sparsity): 3072x768 at 90%,
+    ~0.05 ms for one vector and ~0.1 ms for four, against ~0.1 and ~0.2 ms for the CSR kernel on
+    the development machine.
     The layer is then for inference: its values are a :class:`FrozenWeight`, not an
     ``nnx.Param``, since a copy made once would not follow an optimizer's updates (gradients
     still reach the inputs and the bias).
