@@ -6,9 +6,9 @@
   (``jaxsparse-unfused``); and the gradients of a loss through the same block (a fine-tuning
   step's backward pass: SDDMM for the kept weights, transposed SpMM through the layers'
   transposition plans for the input).
-* The same MLP block on one token (decoding one input vector at a time): layers built with
-  ``matvec=True`` (the sliced matrix-vector copy) vs the default layers (``jaxsparse-csr``) vs
-  dense.
+* The same MLP block on one token and on four (decoding one or a few input vectors at a time):
+  layers built with ``matvec=True`` (the sliced copy of the weights) vs the default layers
+  (``jaxsparse-csr``) vs dense.
 * Attention restricted to ``local(4096, window=128)``, 8 heads, head dim 64, batch 1:
   :func:`jaxsparse.attention` vs ``jax.nn.dot_product_attention`` with the dense mask, time and
   peak memory (XLA's compiled memory analysis: arguments + outputs + temporaries); and the sparse
@@ -64,20 +64,21 @@ def _mlp_case(reps):
                 dict(kind="mlp", tokens=128, sparsity=0.9), times)
 
 
-def _mlp_token_case(reps):
-    """One token through the MLP block (decoding): the layers' sliced matrix-vector copy
-    (``matvec=True``) against their CSR product and the dense block."""
+def _mlp_token_case(reps, tokens=1):
+    """A few tokens through the MLP block (decoding): the layers' sliced copy (``matvec=True``)
+    against their CSR product and the dense block."""
     from flax import nnx
 
     methods = {}
     for name, matvec in (("jaxsparse", True), ("jaxsparse-csr", False)):
-        sparse, x, dense_args = _mlp_pair(matvec=matvec, tokens=1)
+        sparse, x, dense_args = _mlp_pair(matvec=matvec, tokens=tokens)
         graphdef, state = nnx.split(sparse)
         fn = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
         methods[name] = (fn, (state, x))
     methods["dense"] = (jax.jit(_dense_mlp), dense_args)
-    return Case("layers", "MLP 768->3072->768, 1 token (matvec=True layers), s=0.9",
-                dict(kind="mlp_token", tokens=1, sparsity=0.9), time_interleaved(methods, reps))
+    label = f"MLP 768->3072->768, {tokens} token{'s' * (tokens > 1)} (matvec=True layers), s=0.9"
+    return Case("layers", label, dict(kind="mlp_token", tokens=tokens, sparsity=0.9),
+                time_interleaved(methods, reps))
 
 
 def _mlp_grad_case(reps):
@@ -126,7 +127,7 @@ def _attention_case(reps, seq=4096, window=128, heads=8, head_dim=64, dense=True
 def summary_lines(cases) -> list[str]:
     mlp = next(c for c in cases if c.params["kind"] == "mlp")
     grad = next(c for c in cases if c.params["kind"] == "mlp_grad")
-    token = next(c for c in cases if c.params["kind"] == "mlp_token")
+    tokens = [c for c in cases if c.params["kind"] == "mlp_token"]
     att = next(c for c in cases if c.params["kind"] == "attention" and "dense" in c.times_ms)
     mem = att.params["peak_mb"]
     big = [c for c in cases if c.params["kind"] == "attention" and "dense" not in c.times_ms]
@@ -143,10 +144,11 @@ def summary_lines(cases) -> list[str]:
               f"MLP gradients (fine-tuning step's backward pass): "
               f"{grad.times_ms['jaxsparse']:.3f} ms sparse, {grad.times_ms['dense']:.3f} ms dense, "
               f"{grad.speedup('jaxsparse'):.2f}x.",
-              f"MLP on one token: {token.times_ms['jaxsparse']:.3f} ms with matvec=True layers "
-              f"({token.speedup('jaxsparse'):.2f}x over dense), "
-              f"{token.times_ms['jaxsparse-csr']:.3f} ms with the default layers "
-              f"({token.speedup('jaxsparse-csr'):.2f}x), {token.times_ms['dense']:.3f} ms dense.",
+              *(f"MLP on {c.params['tokens']} token(s): {c.times_ms['jaxsparse']:.3f} ms with "
+                f"matvec=True layers ({c.speedup('jaxsparse'):.2f}x over dense), "
+                f"{c.times_ms['jaxsparse-csr']:.3f} ms with the default layers "
+                f"({c.speedup('jaxsparse-csr'):.2f}x), {c.times_ms['dense']:.3f} ms dense."
+                for c in tokens),
               f"Peak memory (compiled): sparse {mem['jaxsparse']:.0f} MiB, dense "
               f"{mem['dense']:.0f} MiB."]
     for c in big:
@@ -163,6 +165,7 @@ def main(args):
     reps = args.reps or 7
     info = machine_info()
     steps = [lambda: _mlp_case(reps), lambda: _mlp_grad_case(reps), lambda: _mlp_token_case(reps),
+             lambda: _mlp_token_case(reps, tokens=4),
              lambda: _attention_case(reps),
              lambda: _attention_case(3, seq=16384, dense=False)]
     cases = []
