@@ -99,7 +99,9 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
       float32 matrix with concrete arrays and ``matvec=True``, the sliced layout that the native
       CPU products with one vector (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``)
       use, and those with a few (``x`` ``[K, N]`` or ``[N, K]`` while ``N`` times the slots per
-      stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%).
+      stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%), on CPUs with
+      AVX-512 (elsewhere the CSR kernel is the faster and computes them:
+      ``jaxsparse.ffi.SLICED_KERNEL``).
       The sliced copy takes ~1.7x (90% sparsity) to ~3x (98%) the nonzeros in 5-byte slots; pass
       ``matvec=False`` when the weight only meets larger ``N``. ``transpose=True`` also
       stores a :class:`TransposePlan` (the pattern of ``A.T`` and a permutation, ~6 more bytes

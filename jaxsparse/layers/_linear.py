@@ -165,7 +165,7 @@ class SparseLinear(nnx.Module):
     sliced copy of the weight that the native kernel for so few vectors reads (see
     :func:`jaxsparse.pack`; ~8.6 more bytes per stored weight at 90% sparsity): 3072x768 at 90%,
     ~0.05 ms for one vector and ~0.1 ms for four, against ~0.1 and ~0.2 ms for the CSR kernel on
-    the development machine.
+    the development machine (the copy is read on CPUs with AVX-512 only).
     The layer is then for inference: its values are a :class:`FrozenWeight`, not an
     ``nnx.Param``, since a copy made once would not follow an optimizer's updates (gradients
     still reach the inputs and the bias).
