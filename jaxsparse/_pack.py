@@ -5,16 +5,16 @@ SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :clas
 
 * column indices in 16 bits when ``K <= 65536`` (6 bytes per float32 nonzero instead of 8);
 * for float32, a second copy of the matrix in a *sliced* layout for products with one vector
-  (``N = 1``) or a few (:func:`takes_sliced`): rows in slices of 16, columns in windows of 63. For each (slice, window) holding
-  entries it stores ``c`` vectors of 16 ``(value, column - 63 * window)`` pairs, lane ``j`` for row
-  ``16 * slice + j``, where ``c`` is the most entries any of the 16 rows has in the window (the
-  others padded with value 0 and column 63). The kernel then needs no gather: the 16 columns of a
-  vector index the window of ``x`` held in four registers (AVX-512 ``vpermt2ps``): its 63 values
-  and a zero, which the padding reads, so a NaN or Inf in ``x`` never meets a padded 0. The 16
-  sums are the 16 lanes of one accumulator, with no horizontal sums. On a 3072x768 matrix at 90%
-  sparsity this holds ~1.7 slots per nonzero (~8.6 bytes per nonzero with the 1-byte columns)
-  and runs ~2.6x faster than the gathering CSR kernel. With several vectors the kernel reads
-  each slot's columns once for up to four of them.
+  (``N = 1``) or a few (:func:`takes_sliced`): rows in slices of 16, columns in windows of 63. For
+  each (slice, window) holding entries it stores ``c`` vectors of 16
+  ``(value, column - 63 * window)`` pairs, lane ``j`` for row ``16 * slice + j``, where ``c`` is
+  the most entries any of the 16 rows has in the window (the others padded with value 0 and column
+  63). The kernel then needs no gather: the 16 columns of a vector index the window of ``x`` held
+  in four registers (AVX-512 ``vpermt2ps``): its 63 values and a zero, which the padding reads, so
+  a NaN or Inf in ``x`` never meets a padded 0. The 16 sums are the 16 lanes of one accumulator,
+  with no horizontal sums. On a 3072x768 matrix at 90% sparsity this holds ~1.7 slots per nonzero
+  (~8.6 bytes per nonzero with the 1-byte columns) and runs ~2.6x faster than the gathering CSR
+  kernel. With several vectors the kernel reads each slot's columns once for up to four of them.
 
 A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
 ``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
@@ -100,7 +100,7 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
       CPU products with one vector (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``)
       use, and those with a few (``x`` ``[K, N]`` or ``[N, K]`` while ``N`` times the slots per
       stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%), on CPUs with
-      AVX-512 (elsewhere the CSR kernel is the faster and computes them:
+      AVX-512 (elsewhere the CSR kernel, faster there, computes them:
       ``jaxsparse.ffi.SLICED_KERNEL``).
       The sliced copy takes ~1.7x (90% sparsity) to ~3x (98%) the nonzeros in 5-byte slots; pass
       ``matvec=False`` when the weight only meets larger ``N``. ``transpose=True`` also
