@@ -36,6 +36,14 @@ def dense_twin(layer: SparseLinear) -> nnx.Linear:
     return lin
 
 
+def assert_device_state(layer):
+    # Every array of the state is a device array: a NumPy one (as pruning builds the pattern)
+    # would be copied to the device by every jitted call that takes the state.
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(layer))
+    assert leaves and all(isinstance(v, jax.Array) for _, v in leaves), [
+        jax.tree_util.keystr(p) for p, v in leaves if not isinstance(v, jax.Array)]
+
+
 def make(fmt, method, opts, sparsity=0.5, dtype=jnp.float32, use_bias=True, shape=(16, 12)):
     layer = SparseLinear(*shape, sparsity=sparsity, method=method, format=fmt,
                          param_dtype=dtype, use_bias=use_bias,
@@ -54,6 +62,7 @@ def test_matches_dense_masked(rng, fmt, method, opts, dtype):
         assert abs(layer.sparsity - 0.5) < 0.01 and abs(1 - mask.mean() - 0.5) < 0.01
     if fmt == "csr":  # the fixed pattern is stored with 16-bit column indices (jaxsparse.pack)
         assert layer.indices[...].dtype == np.uint16
+    assert_device_state(layer)
     for shape in [(16,), (2, 3, 16)]:
         x = jnp.asarray(rng.standard_normal(shape), dtype)
         y = CALL(layer, x)
@@ -374,6 +383,7 @@ def test_sparse_linear_transpose_plan(rng):
     plain = SparseLinear.from_dense(lin, sparsity=0.8)
     planned = SparseLinear.from_dense(lin, sparsity=0.8, transpose_plan=True)
     assert planned.transpose_plan and planned.weight.plan is not None
+    assert_device_state(planned)
     x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
     w64 = np.asarray(plain.masked_kernel(), np.float64)
     loss = lambda layer, x: jnp.sum(jnp.sin(layer(x, activation="gelu")))
@@ -405,6 +415,7 @@ def test_sparse_linear_matvec(rng):
     mv = SparseLinear.from_dense(lin, sparsity=0.8, matvec=True)
     assert mv.matvec and not plain.matvec and isinstance(mv.data, FrozenWeight)
     assert mv.weight.matvec is not None
+    assert_device_state(mv)
     w64 = np.asarray(plain.masked_kernel(), np.float64)
     b64 = np.asarray(lin.bias[...], np.float64)
     for shape in [(150,), (1, 150), (1, 1, 150), (4, 150)]:

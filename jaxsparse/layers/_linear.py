@@ -227,7 +227,9 @@ class SparseLinear(nnx.Module):
         if self.matvec:
             (self.mv_values, self.mv_columns, self.mv_group_window, self.mv_group_ptr,
              self.mv_slice_ptr) = map(FrozenWeight, sliced)
-        pattern = _weight.pattern_arrays
+        # Device arrays, not NumPy ones (which the pruning builds): jit would copy those to the
+        # device on every call (36 of them in all-MiniLM-L6-v2: ~0.9 ms of a 10 ms forward).
+        pattern = [jnp.asarray(v) for v in _weight.pattern_arrays]
         if self.format == "nm":
             self.positions = SparsityPattern(pattern[0])
         else:
