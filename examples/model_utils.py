@@ -132,13 +132,16 @@ def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
 def jit_method(model: nnx.Module, method: str) -> Callable[..., jax.Array]:
     """Jit-compiled ``getattr(model, method)`` as a plain function of arrays.
 
-    The module is split into a static graph and a state pytree once, so that
-    calls carry no Python-side graph traversal (this matters for timing).
+    The module is split into a static graph and its state flattened to a list of arrays once, so
+    that calls carry no Python-side graph traversal or flattening of the state's variables (this
+    matters for timing: ~0.4 ms of a 9 ms all-MiniLM-L6-v2 forward at batch 1 flattened ~170
+    variables per call).
     """
     graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
 
     @jax.jit
-    def call(state, *args):
-        return getattr(nnx.merge(graphdef, state), method)(*args)
+    def call(leaves, *args):
+        return getattr(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), method)(*args)
 
-    return lambda *args: call(state, *args)
+    return lambda *args: call(leaves, *args)

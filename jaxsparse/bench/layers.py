@@ -46,19 +46,24 @@ def _dense_mlp(w1, b1, w2, b2, x):
     return jax.nn.gelu(x @ w1 + b1) @ w2 + b2
 
 
-def _mlp_case(reps):
+def _jit_module(module, body=lambda m, x: m(x)):
+    """``(fn, leaves)``: ``fn(leaves, x)`` is ``body(module, x)`` under jit, with the module's
+    state passed as the flat list of arrays ``leaves`` (split and flattened once, as the dense
+    block gets its arrays), so that no call spends time flattening nnx variables."""
     from flax import nnx
 
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(state)
+    merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return jax.jit(lambda leaves, x: body(merge(leaves), x)), leaves
+
+
+def _mlp_case(reps):
     sparse, x, dense_args = _mlp_pair()
-
-    def unfused(state, x):
-        mlp = nnx.merge(graphdef, state)
-        return mlp.fc2(jax.nn.gelu(mlp.fc1(x)))
-
-    graphdef, state = nnx.split(sparse)
-    sparse_fn = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    times = time_interleaved({"jaxsparse": (sparse_fn, (state, x)),
-                              "jaxsparse-unfused": (jax.jit(unfused), (state, x)),
+    fused, leaves = _jit_module(sparse)
+    unfused, _ = _jit_module(sparse, lambda mlp, x: mlp.fc2(jax.nn.gelu(mlp.fc1(x))))
+    times = time_interleaved({"jaxsparse": (fused, (leaves, x)),
+                              "jaxsparse-unfused": (unfused, (leaves, x)),
                               "dense": (jax.jit(_dense_mlp), dense_args)}, reps)
     return Case("layers", "MLP 768->3072->768, 128 tokens, s=0.9",
                 dict(kind="mlp", tokens=128, sparsity=0.9), times)
@@ -67,14 +72,11 @@ def _mlp_case(reps):
 def _mlp_token_case(reps, tokens=1):
     """A few tokens through the MLP block (decoding): the layers' sliced copy (``matvec=True``)
     against their CSR product and the dense block."""
-    from flax import nnx
-
     methods = {}
     for name, matvec in (("jaxsparse", True), ("jaxsparse-csr", False)):
         sparse, x, dense_args = _mlp_pair(matvec=matvec, tokens=tokens)
-        graphdef, state = nnx.split(sparse)
-        fn = jax.jit(lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x))
-        methods[name] = (fn, (state, x))
+        fn, leaves = _jit_module(sparse)
+        methods[name] = (fn, (leaves, x))
     methods["dense"] = (jax.jit(_dense_mlp), dense_args)
     label = f"MLP 768->3072->768, {tokens} token{'s' * (tokens > 1)} (matvec=True layers), s=0.9"
     return Case("layers", label, dict(kind="mlp_token", tokens=tokens, sparsity=0.9),
