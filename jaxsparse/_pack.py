@@ -114,8 +114,9 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
       ``transpose=True``).
 
     The packed matrix gives the same products as ``a`` on every backend, under ``jit`` and
-    ``vmap``; gradients flow to its CSR values (``data``), not to the sliced copy (the native
-    SDDMM widens the 16-bit indices inside the call).
+    ``vmap``, and holds device arrays (NumPy ones are moved once here, not by every jitted call
+    that takes the matrix); gradients flow to its CSR values (``data``), not to the sliced copy
+    (the native SDDMM widens the 16-bit indices inside the call).
 
     >>> w = jaxsparse.CSR.fromdense(jnp.eye(3))
     >>> jaxsparse.pack(w).indices.dtype
@@ -141,9 +142,13 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
                          a.stored_shape)
     if transpose and concrete:
         plan = transpose_plan(np.asarray(a.indices), np.asarray(a.indptr), a.stored_shape)
-    if indices is a.indices and sliced is None and plan is None:
+    children = (a.data, indices, a.indptr)
+    host = any(isinstance(v, np.ndarray) for v in children)
+    if indices is a.indices and sliced is None and plan is None and not host:
         return a  # nothing to prepare
-    return PackedCSR.tree_unflatten(a._aux(), (a.data, indices, a.indptr, sliced, plan))
+    if host:  # NumPy arrays: jit would copy them to the device on every call that takes them
+        children = tuple(map(jnp.asarray, children))
+    return PackedCSR.tree_unflatten(a._aux(), (*children, sliced, plan))
 
 
 def transpose_plan(indices: np.ndarray, indptr: np.ndarray, shape) -> TransposePlan:

@@ -661,6 +661,20 @@ def test_pack_sliced_matvec_nan_in_x():
                 assert y[0] == 10.0 and not np.isfinite(y[1])
 
 
+def test_pack_numpy_arrays_to_device(rng):
+    # A CSR built from NumPy arrays packs into device arrays (jit would copy host arrays to the
+    # device on every call that takes the matrix), with the same products.
+    a, a64 = _skewed(rng, (20, 40), "csr", jnp.float32)
+    host = jaxsparse.CSR(tuple(np.asarray(v) for v in (a.data, a.indices, a.indptr)),
+                         shape=a.shape)
+    x = rng.standard_normal((40, 3)).astype(np.float32)
+    for kw in ({}, {"matvec": False}, {"transpose": True}):
+        p = jaxsparse.pack(host, **kw)
+        assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(p)), kw
+        assert p.indices.dtype == np.uint16
+        assert_close(jax.jit(lambda p, x: p @ x)(p, x), a64 @ x.astype(np.float64), jnp.float32)
+
+
 def test_pack_without_sliced_layout(rng):
     a, a64 = _skewed(rng, (20, 40), "csr", jnp.float32)
     x = rng.standard_normal(40).astype(np.float32)
