@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsparse.bench import time_interleaved
+from jaxsparse.bench import jit_module, time_interleaved
 from jaxsparse.layers import SparseLinear
 
 
@@ -130,18 +130,8 @@ def paired_throughput(batch: int, dense_call: tuple[Callable, tuple],
 
 
 def jit_method(model: nnx.Module, method: str) -> Callable[..., jax.Array]:
-    """Jit-compiled ``getattr(model, method)`` as a plain function of arrays.
-
-    The module is split into a static graph and its state flattened to a list of arrays once, so
-    that calls carry no Python-side graph traversal or flattening of the state's variables (this
-    matters for timing: ~0.4 ms of a 9 ms all-MiniLM-L6-v2 forward at batch 1 flattened ~170
-    variables per call).
-    """
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-
-    @jax.jit
-    def call(leaves, *args):
-        return getattr(nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), method)(*args)
-
-    return lambda *args: call(leaves, *args)
+    """Jit-compiled ``getattr(model, method)`` as a plain function of arrays, the model's state
+    split and flattened once (:func:`jaxsparse.bench.jit_module`), so that calls carry no
+    Python-side graph traversal or flattening of its variables (this matters for timing)."""
+    fn, leaves = jit_module(model, lambda m, *args: getattr(m, method)(*args))
+    return lambda *args: fn(leaves, *args)

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Case", "Timer", "machine_info", "time_interleaved", "write_results"]
+__all__ = ["Case", "Timer", "jit_module", "machine_info", "time_interleaved",
+           "write_results"]
 
 
 @dataclass
@@ -76,6 +77,20 @@ class Timer:
             out = self.fn(*self.args)
         _block(out)
         return (perf_counter() - t0) / self.inner
+
+
+def jit_module(module, body: Callable = lambda m, *args: m(*args)):
+    """``(fn, leaves)``: ``fn(leaves, *args)`` is ``body(module, *args)`` under jit, with the Flax
+    NNX module's state passed as the flat list of arrays ``leaves`` (split and flattened once, as
+    a dense baseline gets its arrays), so that no call spends time flattening nnx variables
+    (~0.4 ms of a 9 ms all-MiniLM-L6-v2 forward at batch 1)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(state)
+    merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return jax.jit(lambda leaves, *args: body(merge(leaves), *args)), leaves
 
 
 def time_interleaved(methods: dict[str, tuple[Callable, tuple]], reps: int = 15) -> dict[str, float]:

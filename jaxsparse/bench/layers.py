@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsparse
-from jaxsparse.bench import Case, machine_info, time_interleaved, write_results
+from jaxsparse.bench import Case, jit_module, machine_info, time_interleaved, write_results
 
 
 def _mlp_pair(transpose_plan=False, matvec=False, tokens=128):
@@ -46,22 +46,10 @@ def _dense_mlp(w1, b1, w2, b2, x):
     return jax.nn.gelu(x @ w1 + b1) @ w2 + b2
 
 
-def _jit_module(module, body=lambda m, x: m(x)):
-    """``(fn, leaves)``: ``fn(leaves, x)`` is ``body(module, x)`` under jit, with the module's
-    state passed as the flat list of arrays ``leaves`` (split and flattened once, as the dense
-    block gets its arrays), so that no call spends time flattening nnx variables."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(module)
-    leaves, treedef = jax.tree.flatten(state)
-    merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return jax.jit(lambda leaves, x: body(merge(leaves), x)), leaves
-
-
 def _mlp_case(reps):
     sparse, x, dense_args = _mlp_pair()
-    fused, leaves = _jit_module(sparse)
-    unfused, _ = _jit_module(sparse, lambda mlp, x: mlp.fc2(jax.nn.gelu(mlp.fc1(x))))
+    fused, leaves = jit_module(sparse)
+    unfused, _ = jit_module(sparse, lambda mlp, x: mlp.fc2(jax.nn.gelu(mlp.fc1(x))))
     times = time_interleaved({"jaxsparse": (fused, (leaves, x)),
                               "jaxsparse-unfused": (unfused, (leaves, x)),
                               "dense": (jax.jit(_dense_mlp), dense_args)}, reps)
@@ -75,7 +63,7 @@ def _mlp_token_case(reps, tokens=1):
     methods = {}
     for name, matvec in (("jaxsparse", True), ("jaxsparse-csr", False)):
         sparse, x, dense_args = _mlp_pair(matvec=matvec, tokens=tokens)
-        fn, leaves = _jit_module(sparse)
+        fn, leaves = jit_module(sparse)
         methods[name] = (fn, (leaves, x))
     methods["dense"] = (jax.jit(_dense_mlp), dense_args)
     label = f"MLP 768->3072->768, {tokens} token{'s' * (tokens > 1)} (matvec=True layers), s=0.9"
