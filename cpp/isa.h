@@ -91,6 +91,29 @@ constexpr int64_t kStripBytes = 384 << 10;
 constexpr int64_t kBlockedRows = 256;
 constexpr int64_t kBlockedK = kStripBytes / (128 * 4) * 3 / 2;
 
+// One tile of fused block-sparse attention (attention.cc): `rows` query rows of one (batch,
+// head) against the tile's `nk` keys, which the caller has gathered into compact copies.
+// out[i, :dv] = sum_t p[i, t] v[t, :dv], p = softmax over t of scale * q[i] . k[t] + kbias[t].
+struct AttentionTile {
+  const float* q;      // query row i at q + i * ldq (d floats)
+  int64_t ldq;
+  const float* kt;     // the keys transposed: key t's element e at kt[e * ldk + t], t < nk_pad
+  int64_t ldk;         // >= nk_pad; columns [nk, nk_pad) hold zeros
+  const float* v;      // value t at v + t * ldv (dv_pad floats, zero past dv)
+  int64_t ldv;
+  const float* kbias;  // [nk_pad]: 0 for a key to attend to, -inf for a masked or padding key
+  float* scores;       // scratch [rows, ldk]
+  float* out;          // output row i at out + i * ldo (dv floats)
+  int64_t ldo;
+  int64_t rows, d, dv, nk, nk_pad, dv_pad;  // nk_pad, dv_pad: multiples of kAttnPad
+  float scale;
+};
+// Keys and value columns of an AttentionTile are padded to multiples of this (one AVX-512
+// vector; a whole number of vectors in every build).
+constexpr int64_t kAttnPad = 16;
+// Query rows per AttentionTile: scores [kAttnRows, nk] stay in L1 / L2.
+constexpr int64_t kAttnRows = 32;
+
 struct IsaKernels {
   const char* name;
   // Rows [r0, r1) of A @ B into c (row stride ldc, element type p.dt).
@@ -116,6 +139,8 @@ struct IsaKernels {
   // float64 in the portable build.
   void (*row_softmax)(int dt, const void* x, void* y, const int32_t* indptr, int64_t r0,
                       int64_t r1);
+  // One tile of fused attention (AttentionTile), float32.
+  void (*attention_tile)(const AttentionTile& t);
 };
 
 const IsaKernels& KernelsScalar();

@@ -8,7 +8,8 @@ namespace jaxsparse {
 const IsaKernels& KernelsScalar() {
   static const IsaKernels k{"scalar", isa_scalar::SpmmRows, isa_scalar::SpmvRows,
                             isa_scalar::SddmmRows, isa_scalar::SellRows, isa_scalar::Transpose,
-                            isa_scalar::Epilogue, isa_scalar::RowSoftmax};
+                            isa_scalar::Epilogue, isa_scalar::RowSoftmax,
+                            isa_scalar::AttendTile};
   return k;
 }
 

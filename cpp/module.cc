@@ -33,6 +33,7 @@ NB_MODULE(_jaxsparse_cpu, m) {
     d["jaxsparse_nm_sddmm"] = Encapsulate(jaxsparse::kNmSddmm);
     d["jaxsparse_sell_spmv"] = Encapsulate(jaxsparse::kSellSpmv);
     d["jaxsparse_csr_row_softmax"] = Encapsulate(jaxsparse::kCsrRowSoftmax);
+    d["jaxsparse_bsr_attention"] = Encapsulate(jaxsparse::kBsrAttention);
     return d;
   });
   m.def("set_isa", [](const std::string& name) {

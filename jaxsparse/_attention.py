@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import _config
+from jaxsparse._block_attention import block_attention_p
 from jaxsparse._formats import INDEX_DTYPE, CSR, SparseMatrix, nm_columns, row_ids
 from jaxsparse._sddmm import sddmm_values
 from jaxsparse._softmax import row_softmax, segment_softmax
 from jaxsparse._spmm import compute_dtype, spmm
 
-__all__ = ["attention"]
+__all__ = ["attention", "unfused_attention"]
 
 #: Above this many stored entries over all batch elements and heads, heads are mapped over.
 _FOLD_MAX_ENTRIES = 1 << 21
@@ -189,13 +190,9 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
                                          value.reshape(b, sk, h, dv), pattern, scale=scale,
                                          interpret=fused == "pallas-interpret")
         return out.reshape(*lead, sq, h, dv)
-    scale = (1.0 / np.sqrt(d)) if scale is None else scale
-    # [B, H, S, D]
-    q = (query.reshape(b, sq, h, d) * jnp.asarray(scale, dt)).transpose(0, 2, 1, 3)
-    k = key.reshape(b, sk, h, d).transpose(0, 2, 1, 3)
-    v = value.reshape(b, sk, h, dv).transpose(0, 2, 1, 3)
-
-    keep = None
+    scale = (1.0 / np.sqrt(d)) if scale is None else float(scale)
+    query, key, value = (query.reshape(b, sq, h, d), key.reshape(b, sk, h, d),
+                         value.reshape(b, sk, h, dv))
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.ndim > 4 or mask.ndim < 2:
@@ -206,6 +203,40 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
         if mb not in (1, b) or mh not in (1, h) or mq not in (1, sq) or mk not in (1, sk):
             raise ValueError(f"attention: mask.shape={mask.shape} is not broadcastable to "
                              f"{(b, h, sq, sk)}")
+    chosen = _config.resolve_backend(backend)
+    if (pattern.fmt == "bsr" and chosen in ("auto", "ffi") and dt == jnp.float32
+            and (mask is None or mask.shape[1:3] == (1, 1))):
+        # One fused pass over the pattern's blocks (a native kernel on the CPU); the mask, if
+        # any, only says which keys each batch element may attend to.
+        keep = (jnp.ones((1, sk), bool) if mask is None else
+                jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (mask.shape[0], sk)))
+        out = block_attention_p.bind(
+            query, key, value, jnp.asarray(pattern.indptr, INDEX_DTYPE),
+            jnp.asarray(pattern.indices, INDEX_DTYPE), keep, scale=scale,
+            block_k=pattern.block_size[1], fold_heads=fold_heads, backend=chosen)
+    else:
+        out = unfused_attention(query, key, value, pattern, scale=scale, mask=mask,
+                                fold_heads=fold_heads, backend=backend)
+    return out.reshape(*lead, sq, h, dv)
+
+
+def unfused_attention(query, key, value, pattern: SparseMatrix, *, scale: float, mask,
+                      fold_heads: bool | None, backend):
+    """:func:`attention` of ``query`` ``[b, sq, h, d]``, ``key`` ``[b, sk, h, d]``, ``value``
+    ``[b, sk, h, dv]`` as SDDMM -> softmax over stored entries -> SpMM, one (batch, head) at a
+    time or all heads folded into one block-diagonal pattern. ``mask``: None or a bool array
+    ``[mb, mh, mq, mk]`` broadcastable to ``[b, h, sq, sk]``. Returns ``[b, sq, h, dv]``."""
+    b, sq, h, d = query.shape
+    sk, dv = key.shape[1], value.shape[-1]
+    dt = query.dtype
+    # [B, H, S, D]
+    q = (query * jnp.asarray(scale, dt)).transpose(0, 2, 1, 3)
+    k = key.transpose(0, 2, 1, 3)
+    v = value.transpose(0, 2, 1, 3)
+
+    keep = None
+    if mask is not None:
+        mb, mh, mq, mk = mask.shape
         rows, cols = _entry_coords(pattern)
         g = mask[:, :, rows if mq > 1 else jnp.zeros_like(rows),
                  cols if mk > 1 else jnp.zeros_like(cols)]  # [mb, mh, *values.shape]
@@ -232,4 +263,4 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
             body = lambda xs: _single_head(*xs[:3], pattern, xs[3], backend, rows)
             out = jax.lax.map(body, (qs, ks, vs, keep.reshape(b * h, *keep.shape[2:])))
         out = out.reshape(b, h, sq, dv)
-    return out.transpose(0, 2, 1, 3).reshape(*lead, sq, h, dv)
+    return out.transpose(0, 2, 1, 3)

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxsparse._formats import BSR, CSR, INDEX_DTYPE
 
-__all__ = ["causal", "local", "strided", "bigbird", "from_mask"]
+__all__ = ["causal", "local", "strided", "bigbird", "from_mask", "full"]
 
 
 def _check_len(seq_len, where: str) -> int:
@@ -134,6 +134,30 @@ def bigbird(seq_len: int, window: int, n_global: int, n_random: int, seed: int =
         parts_r.append(np.repeat(np.arange(n, dtype=np.int64), r))
         parts_c.append(rng.integers(0, n, size=n * r))
     return _csr_from_coo(np.concatenate(parts_r), np.concatenate(parts_c), n)
+
+
+def full(q_len: int, k_len: int | None = None, *, block_size=None) -> BSR:
+    """Every query attends to every key (dense attention), as a BSR pattern: one block of
+    ``(q_len, k_len)`` (``k_len`` defaults to ``q_len``), or all blocks of ``block_size`` (an int
+    for square blocks). :func:`jaxsparse.attention` runs a BSR pattern in one fused pass, on the
+    CPU with a native kernel, so this is exact dense attention without the
+    ``[batch, heads, q_len, k_len]`` scores in memory.
+
+    >>> full(4).block_size, full(4, block_size=2).indices.tolist()
+    ((4, 4), [0, 1, 0, 1])
+    """
+    q = _check_len(q_len, "full")
+    k = q if k_len is None else _check_len(k_len, "full")
+    if block_size is None:
+        bq, bk = q, k
+    else:
+        bq, bk = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
+    if int(bq) != bq or int(bk) != bk or bq < 1 or bk < 1 or q % bq or k % bk:
+        raise ValueError(f"full: block_size={block_size!r} must divide (q_len, k_len)={(q, k)}")
+    rows, cols = q // bq, k // bk
+    return BSR((jnp.ones((rows * cols, bq, bk), jnp.float32),
+                jnp.asarray(np.tile(np.arange(cols), rows).astype(INDEX_DTYPE)),
+                jnp.asarray((np.arange(rows + 1) * cols).astype(INDEX_DTYPE))), shape=(q, k))
 
 
 def from_mask(mask, block_size=None) -> CSR | BSR:

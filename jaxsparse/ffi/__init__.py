@@ -2,7 +2,8 @@
 
 The C++ extension ``_jaxsparse_cpu`` (built from ``cpp/`` by ``pip install``) exposes one FFI
 handler per kernel. Importing this module registers them with XLA and installs CPU lowerings of
-``spmm_p``/``spmm_fused_p``/``sddmm_p`` (and attention's ``row_softmax_p``) that call them where a
+``spmm_p``/``spmm_fused_p``/``sddmm_p`` (and attention's ``row_softmax_p`` and ``block_attention_p``)
+that call them where a
 kernel applies, and the pure-JAX reference elsewhere. When the extension is missing (a source
 checkout that was never built, say) jaxsparse still works on the reference path;
 :data:`AVAILABLE` is False and :data:`UNAVAILABLE_REASON` says why.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
+from jaxsparse._block_attention import block_attention_p, block_attention_reference
 from jaxsparse._pack import _via_csr, sell_spmv_p
 from jaxsparse._sddmm import sddmm_p, sddmm_reference
 from jaxsparse._softmax import row_softmax_p, row_softmax_reference
@@ -174,6 +176,13 @@ def _row_softmax_native(values, indptr, **_):
                             jax.ShapeDtypeStruct(values.shape, values.dtype))(values, indptr)
 
 
+def _block_attention_native(q, k, v, indptr, indices, keep, *, scale, block_k, **_):
+    out_type = jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype)
+    return jax.ffi.ffi_call("jaxsparse_bsr_attention", out_type)(
+        q, k, v, indptr, indices, keep.astype(jnp.uint8), scale=np.float32(scale),
+        block_k=np.int64(block_k))
+
+
 def _spmm_kernel(avals, params):
     """The native SpMM for these operands and parameters, or None with the reason."""
     if params["fmt"] not in ("csr", "bsr", "nm"):
@@ -199,6 +208,12 @@ def _row_softmax_kernel(avals, params):
     if not any(avals[0].dtype == d for d in (jnp.float32, jnp.float64)):
         return None, f"no native row softmax for {avals[0].dtype}"
     return _row_softmax_native, None
+
+
+def _block_attention_kernel(avals, params):
+    if avals[0].dtype != jnp.float32:
+        return None, f"no native fused attention kernel for {avals[0].dtype}"
+    return _block_attention_native, None
 
 
 def _cpu_lowering(select, reference):
@@ -230,6 +245,9 @@ def _register():
     mlir.register_lowering(sell_spmv_p, _cpu_lowering(_sell_kernel, _via_csr), platform="cpu")
     mlir.register_lowering(row_softmax_p,
                            _cpu_lowering(_row_softmax_kernel, row_softmax_reference),
+                           platform="cpu")
+    mlir.register_lowering(block_attention_p,
+                           _cpu_lowering(_block_attention_kernel, block_attention_reference),
                            platform="cpu")
 
 
