@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxsparse
 from jaxsparse.bench import jit_module, time_interleaved
 from jaxsparse.layers import SparseLinear
 
@@ -25,43 +26,73 @@ def linear_gelu(layer: nnx.Module, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(layer(x), approximate=False)
 
 
-class SelfAttention(nnx.Module):
-    """Multi-head self attention with separate query/key/value/output ``nnx.Linear``."""
+ATTENTION_KINDS = ("jaxsparse", "xla")
 
-    def __init__(self, hidden_size: int, num_heads: int, *, rngs: nnx.Rngs):
+
+class SelfAttention(nnx.Module):
+    """Multi-head self attention with separate query/key/value/output ``nnx.Linear``.
+
+    ``attention`` chooses how the scores and their softmax are computed (the four projections are
+    the same ``nnx.Linear`` layers either way, and :func:`jaxsparse.sparsify` can replace them):
+    ``"jaxsparse"`` (the default), :func:`jaxsparse.attention` on :func:`jaxsparse.patterns.full`,
+    which on the CPU is one fused native kernel per call that never writes the
+    ``[batch, heads, seq, seq]`` scores to memory; ``"xla"``, the same math in ``jnp`` ops for
+    XLA to compile (see :meth:`xla_attention`). :func:`set_attention` switches a whole model.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, attention: str = "jaxsparse",
+                 rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         self.num_heads = num_heads
+        self.attention = attention
         self.query = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
         self.key = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
         self.value = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
         self.output = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """``x``: [batch, seq, hidden]; ``mask``: optional [batch, seq], nonzero = attend.
-
-        Written for XLA on the CPU, where the textbook form (token-major einsums, ``jnp.where``
-        on the [batch, heads, seq, seq] scores, ``jax.nn.softmax``) took most of the dense parts'
-        time (the README's end-to-end section): heads first, the query scaled instead of the
-        scores, the mask added as a [batch, 1, 1, seq] bias (as BERT does), and the softmax's
-        division applied to the [.., seq, head_dim] context instead of the [.., seq, seq] weights.
-        """
+        """``x``: [batch, seq, hidden]; ``mask``: optional [batch, seq], nonzero = attend."""
         b, s, d = x.shape
-        dh = d // self.num_heads
+        shape = (b, s, self.num_heads, d // self.num_heads)  # [batch, seq, heads, head_dim]
+        q, k, v = (layer(x).reshape(shape) for layer in (self.query, self.key, self.value))
+        if self.attention == "jaxsparse":
+            keep = None if mask is None else mask[:, None, None, :].astype(bool)
+            context = jaxsparse.attention(q, k, v, jaxsparse.patterns.full(s), mask=keep)
+        else:
+            context = self.xla_attention(q, k, v, mask)
+        return self.output(context.reshape(b, s, d))
 
-        def heads(t):  # [batch, heads, seq, head_dim]
-            return t.reshape(b, s, self.num_heads, dh).transpose(0, 2, 1, 3)
-
-        q = heads(self.query(x)) / math.sqrt(dh)
-        k, v = heads(self.key(x)), heads(self.value(x))
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    @staticmethod
+    def xla_attention(q, k, v, mask):
+        """Dense attention in ``jnp`` ops, written for XLA on the CPU, where the textbook form
+        (token-major einsums, ``jnp.where`` on the [batch, heads, seq, seq] scores,
+        ``jax.nn.softmax``) took most of the dense parts' time: heads first, the query scaled
+        instead of the scores, the mask added as a [batch, 1, 1, seq] bias (as BERT does), and the
+        softmax's division applied to the [.., seq, head_dim] context instead of the
+        [.., seq, seq] weights. ``q``, ``k``, ``v``: [batch, seq, heads, head_dim]."""
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [batch, heads, seq, head_dim]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q / math.sqrt(q.shape[-1]), k)
         if mask is not None:
             keep = mask[:, None, None, :].astype(bool)
             scores = scores + jnp.where(keep, 0.0, jnp.finfo(scores.dtype).min)
         weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
         context = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         context = context / jnp.sum(weights, axis=-1, keepdims=True)
-        return self.output(context.transpose(0, 2, 1, 3).reshape(b, s, d))
+        return context.transpose(0, 2, 1, 3)
+
+
+def set_attention(model: nnx.Module, attention: str) -> nnx.Module:
+    """Switch every :class:`SelfAttention` of ``model`` to ``attention`` (see its docstring), in
+    place; returns ``model``. Jit the model after switching: the choice is static."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, SelfAttention):
+            node.attention = attention
+    return model
 
 
 def build_model(make_model: Callable[[], nnx.Module], params: Mapping[str, np.ndarray],

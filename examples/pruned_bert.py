@@ -19,7 +19,10 @@ png}``.
     python examples/pruned_bert.py            # everything (a few minutes on 2 cores)
     python examples/pruned_bert.py --quick    # golden check + 90% magnitude, one speed row
 
-Attention (softmax(QK^T)V) and LayerNorm stay dense: the speedup is bounded by their share.
+Attention (softmax(QK^T)V) and LayerNorm stay dense: the speedup is bounded by their share. Dense
+and pruned models compute attention the same way: by default with jaxsparse's fused attention on a
+full pattern (one native kernel per layer on the CPU), or with ``--attention xla`` in ``jnp`` ops
+(``model_utils.SelfAttention``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ from jaxsparse.bench import time_interleaved
 from bert import (BERT_BASE, GOLDEN_SIMILARITIES, GOLDEN_SENTENCES, MINILM_L6, Bert, BertConfig,
                   encode, golden_similarities, load_bert, load_tokenizer, throughput_call,
                   tokenize)
-from model_utils import paired_throughput, throughput
-from results_io import (fmt, format_table, machine_info, machine_markdown, markdown_table,
-                        write_figure, write_json, write_text)
+from model_utils import ATTENTION_KINDS, paired_throughput, set_attention, throughput
+from results_io import (attention_markdown, fmt, format_table, machine_info, machine_markdown,
+                        markdown_table, write_figure, write_json, write_text)
 from sentences import CALIBRATION_PASSAGES, CALIBRATION_SENTENCES, EVAL_SENTENCES
 
 SEQ_LEN = 128
@@ -155,12 +158,12 @@ def _measure_speed(row: dict, model, dense_calls: dict, label: str, bar, seq_len
 
 
 def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_LEN, repeats=5,
-               progress=None, seed=0) -> dict:
+               progress=None, seed=0, attention="jaxsparse") -> dict:
     """Dense vs pruned throughput of a randomly initialised encoder of ``config``. ``sparsities``:
     floats (magnitude, CSR) or ``(sparsity, method, format, block_size)`` tuples."""
     bar = progress or (lambda *a, **k: None)
     bar("BERT-base: init")
-    dense = Bert(config, rngs=nnx.Rngs(seed))
+    dense = set_attention(Bert(config, rngs=nnx.Rngs(seed)), attention)
     dense_calls = {b: throughput_call(dense, b, seq_len) for b in batches}
     dense_speed = {}
     for b in batches:
@@ -185,7 +188,7 @@ def base_speed(config: BertConfig, sparsities, *, batches=BATCHES, seq_len=SEQ_L
 
 
 def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsity: float = 0.9,
-                 repeats: int = 5, seed: int = 0) -> dict:
+                 repeats: int = 5, seed: int = 0, attention: str = "jaxsparse") -> dict:
     """Where the time goes: jit-compiled time of the encoder's linear layers alone (one layer's six
     projections x num_layers), dense and sparse, and of a whole dense model of ``config`` (random
     weights), all three timed alternately in one run."""
@@ -210,7 +213,8 @@ def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsit
         return (lambda *a: run(state, *a)), (x, h)
 
     ms = time_interleaved({"dense": call(dense_layers), "sparse": call(sparse_layers),
-                           "model": throughput_call(Bert(config, rngs=rngs), batch, seq_len)},
+                           "model": throughput_call(set_attention(Bert(config, rngs=rngs),
+                                                                  attention), batch, seq_len)},
                           reps=repeats)
     return {"batch": batch, "seq_len": seq_len, "sparsity": sparsity,
             "dense_linear_s": config.num_layers * ms["dense"] * 1e-3,
@@ -218,7 +222,8 @@ def linear_share(config: BertConfig, batch: int, seq_len: int = SEQ_LEN, sparsit
             "dense_model_s": ms["model"] * 1e-3}
 
 
-def linear_shares(results: dict, batches=BATCHES, progress=None) -> list[dict]:
+def linear_shares(results: dict, batches=BATCHES, progress=None,
+                  attention: str = "jaxsparse") -> list[dict]:
     """:func:`linear_share` at 90% for both models that were measured."""
     bar = progress or (lambda *a, **k: None)
     shares = []
@@ -228,7 +233,7 @@ def linear_shares(results: dict, batches=BATCHES, progress=None) -> list[dict]:
             continue
         for bs in batches:
             bar(f"{name} linear layers alone, batch {bs}")
-            s = linear_share(config, bs)
+            s = linear_share(config, bs, attention=attention)
             s["model"] = name
             s["layers"] = 6 * config.num_layers
             shares.append(s)
@@ -277,7 +282,7 @@ def base_rows(res: dict, batches=BATCHES):
 def to_markdown(results: dict) -> str:
     batches = tuple(results.get("batches", BATCHES))
     parts = ["# Pruned all-MiniLM-L6-v2 and BERT-base-size encoder (jaxsparse)", "",
-             machine_markdown(results["machine"]), ""]
+             machine_markdown(results["machine"]), "", attention_markdown(results), ""]
     g = results.get("golden")
     if g:
         parts += ["## Golden check (dense model)", "",
@@ -434,6 +439,9 @@ def main(argv=None) -> int:
                     help=f"results directory (default {RESULTS_DIR} for a full run)")
     ap.add_argument("--no-base", action="store_true", help="skip the BERT-base-size part")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per MiniLM measurement")
+    ap.add_argument("--attention", choices=ATTENTION_KINDS, default="jaxsparse",
+                    help="how dense and pruned models alike compute attention: jaxsparse's fused "
+                         "kernel on a full pattern (default) or jnp ops compiled by XLA")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -442,7 +450,7 @@ def main(argv=None) -> int:
           f"({machine['cores']} cores); native kernels: "
           f"{'yes' if machine['native_kernels'] else 'NO (pure-JAX fallback)'}")
     tokenizer = load_tokenizer(args.weights, max_length=SEQ_LEN)
-    dense = load_bert(args.weights)
+    dense = set_attention(load_bert(args.weights), args.attention)
 
     ok, sims = check_golden(dense, tokenizer)
     print(f"golden check (dense): {_golden_str(sims)} vs published "
@@ -463,6 +471,7 @@ def main(argv=None) -> int:
             steps += (1 + len(batches) + len(BASE_VARIANTS) * (1 + len(batches))
                       + 2 * len(batches))
     results = {"machine": machine, "seq_len": SEQ_LEN, "batches": list(batches),
+               "attention": args.attention,
                "golden": {"ok": ok, "similarities": sims.tolist(),
                           "published": GOLDEN_SIMILARITIES.tolist()}}
     with tqdm(total=steps, desc="pruned_bert", unit="step", dynamic_ncols=True) as pbar:
@@ -477,10 +486,11 @@ def main(argv=None) -> int:
             repeats=repeats)
         results["minilm"] = m
         if not args.quick and not args.no_base:
-            b = base_speed(BERT_BASE, BASE_VARIANTS, batches=batches, repeats=5, progress=progress)
+            b = base_speed(BERT_BASE, BASE_VARIANTS, batches=batches, repeats=5, progress=progress,
+                           attention=args.attention)
             b["repeats"] = 5
             results["bert_base"] = b
-            results["linear_share"] = linear_shares(results, batches, progress)
+            results["linear_share"] = linear_shares(results, batches, progress, args.attention)
 
     print()
     print("all-MiniLM-L6-v2 (real weights), seq", SEQ_LEN)

@@ -9,7 +9,9 @@ sparsity the sparsified model gives the dense model's logits.
 Pruned: every linear layer of the 12 encoder blocks (query/key/value/attention output, fc1,
 fc2). Not pruned: the patch embedding (a convolution), LayerNorms, attention itself, and the
 classification head, which is small (768x1000, ~1% of the weights) and the most
-accuracy-sensitive layer, as users usually keep it dense. Variants:
+accuracy-sensitive layer, as users usually keep it dense. Dense and pruned models compute
+attention the same way: jaxsparse's fused attention on a full pattern by default, or jnp ops with
+``--attention xla``. Variants:
 
 * ``magnitude``: unstructured, per-layer magnitude, CSR;
 * ``2:4``: ``method="n:m"``, ``format="nm"`` (50%);
@@ -33,9 +35,9 @@ from flax import nnx
 from tqdm import tqdm
 
 import jaxsparse
-from model_utils import jit_method, paired_throughput, throughput
-from results_io import (format_table, machine_info, machine_markdown, markdown_table, write_json,
-                        write_figure, write_text)
+from model_utils import ATTENTION_KINDS, jit_method, paired_throughput, set_attention, throughput
+from results_io import (attention_markdown, format_table, machine_info, machine_markdown,
+                        markdown_table, write_json, write_figure, write_text)
 from vit import VIT_B16, ViT, ViTConfig, load_vit, throughput_call
 
 BATCHES = (1, 8)
@@ -126,6 +128,7 @@ def to_markdown(results: dict) -> str:
              f"{results['repeats']} calls; each pruned model is timed alternately with the "
              "dense one and its speedup is the ratio of that run (the dense row is its own "
              "run).", "",
+             attention_markdown(results), "",
              "## 0% sparsity check", "",
              f"Sparsified at 0% (CSR, all entries stored) vs dense, batch {c['batch']}: max |diff| "
              f"{c['max_abs_diff']:.2e} (max |logit| {c['max_abs_logit']:.2f}) -> "
@@ -194,6 +197,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help=f"results directory (default {RESULTS_DIR} for a full run)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--attention", choices=ATTENTION_KINDS, default="jaxsparse",
+                    help="how dense and pruned models alike compute attention: jaxsparse's fused "
+                         "kernel on a full pattern (default) or jnp ops compiled by XLA")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -205,6 +211,7 @@ def main(argv=None) -> int:
         dense, weights = load_vit(args.weights, config), str(args.weights)
     else:
         dense, weights = ViT(VIT_B16, rngs=nnx.Rngs(0)), "random init (seed 0)"
+    set_attention(dense, args.attention)
     batches = (1,) if args.quick else BATCHES
     variants = ({k: VARIANTS[k] for k in QUICK_VARIANTS} if args.quick else VARIANTS)
     check = zero_sparsity_check(dense)
@@ -218,7 +225,8 @@ def main(argv=None) -> int:
 
         speed = speed_table(dense, variants, batches=batches, repeats=args.repeats,
                             progress=progress)
-    results = {"machine": machine, "weights": weights, "batches": list(batches),
+    results = {"machine": machine, "weights": weights, "attention": args.attention,
+               "batches": list(batches),
                "repeats": args.repeats, "image_size": dense.config.image_size,
                "pruned": "encoder linear layers (blocks.*); head, patch embedding, LayerNorm, "
                          "attention dense", "zero_sparsity_check": check, "speed": speed}

@@ -113,3 +113,13 @@ def write_text(path: Path, text: str) -> Path:
 
 def fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def attention_markdown(results: dict) -> str:
+    """How the dense and pruned models computed attention in this run."""
+    how = {"jaxsparse": "`jaxsparse.attention` on `patterns.full` (the fused native kernel: no "
+                        "[batch, heads, seq, seq] scores in memory)",
+           "xla": "`jnp` ops compiled by XLA (`SelfAttention.xla_attention`)"}
+    kind = results.get("attention", "xla")  # runs before the option existed used jnp ops
+    return (f"Attention (not pruned; the same in the dense and the pruned models): "
+            f"{how[kind]} (`--attention {kind}`).")

@@ -20,6 +20,7 @@ import jaxsparse
 import pruned_bert
 import pruned_vit
 from bert import Bert, BertConfig
+from model_utils import ATTENTION_KINDS, set_attention
 from vit import ViT, ViTConfig
 
 TINY_BERT = BertConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -120,6 +121,18 @@ def test_bert_half_sparse_equals_masked_twin(tiny_bert):
     np.testing.assert_allclose(got, _numpy_forward(sparse, ids, mask), rtol=1e-4, atol=1e-5)
     # ... and it differs from the dense model (the pruning did something).
     assert pruned_bert.mean_cosine(got, np.asarray(tiny_bert.embed(ids, mask))) < 0.99999
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_bert_attention_kinds_match_numpy(tiny_bert, attention):
+    """Both ways of computing the (dense) attention give the float64 forward pass, padding masks
+    included; "jaxsparse" binds the fused attention primitive, "xla" does not."""
+    model = set_attention(nnx.clone(tiny_bert), attention)
+    ids, mask = _inputs()
+    np.testing.assert_allclose(model.embed(ids, mask), _numpy_forward(model, ids, mask),
+                               rtol=1e-4, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(model.embed)(ids, mask))
+    assert ("jaxsparse_block_attention" in jaxpr) == (attention == "jaxsparse")
 
 
 @needs_tokenizer
