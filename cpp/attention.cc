@@ -9,9 +9,10 @@
 //
 // Work comes in units of (batch, head, block row, tile of up to kAttnRows rows). A task takes a
 // run of units of one (batch, head); for each block row it gathers the keys of the row's blocks
-// into compact copies (keys transposed, values padded to whole vectors, a 0 / -inf bias per key)
-// and keeps them while the next block row stores the same blocks (a dense pattern: one gather
-// per task). The indices are validated in O(blocks) before anything is read through them.
+// into a compact copy (transposed, with a 0 / -inf bias per key) and finds their values (read in
+// place, or from a copy padded to whole vectors), and keeps both while the next block row stores
+// the same blocks (a dense pattern: one gather per task). The indices are validated in
+// O(blocks) before anything is read through them.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -96,31 +97,46 @@ ffi::Error BsrAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   const bool keep_per_batch = keep.dimensions()[0] == batch && batch > 1;
   float* os = out->typed_data();
 
+  // Values are read where they are when their rows fill whole vectors (dv a multiple of
+  // kAttnPad), else from a compact copy padded with zeros (reading past a row in place could run
+  // past the end of v).
+  const bool copy_v = dv != dv_pad;
   ParallelFor(pool, batch * heads * chunks, [&](int64_t task) {
     const int64_t bh = task / chunks, c = task % chunks;
     const int64_t b = bh / heads, h = bh % heads;
     const int64_t u0 = c * units / chunks, u1 = (c + 1) * units / chunks;
-    // kt [d, ldk] | v [ldk, dv_pad] | kbias [ldk] | scores [kAttnRows, ldk]
-    Scratch buf = AlignedScratch((d * ldk + ldk * dv_pad + ldk + kAttnRows * ldk) * sizeof(float));
+    // kt [d, ldk] | kbias [ldk] | scores [kAttnRows, ldk] | inv_sum [kAttnRows] | the copy of v
+    // [ldk, dv_pad], if any | v_at [ldk]
+    const int64_t floats =
+        PadTo(d * ldk + ldk + kAttnRows * ldk + kAttnRows + (copy_v ? ldk * dv_pad : 0), 16);
+    Scratch buf = AlignedScratch(floats * sizeof(float) + ldk * sizeof(int64_t));
     float* kt = reinterpret_cast<float*>(buf.get());
-    float* vc = kt + d * ldk;
-    float* kbias = vc + ldk * dv_pad;
+    float* kbias = kt + d * ldk;
     float* scores = kbias + ldk;
-    std::fill(vc, vc + ldk * dv_pad, 0.0f);  // value columns past dv stay zero
+    float* inv_sum = scores + kAttnRows * ldk;
+    float* vc = inv_sum + kAttnRows;
+    int64_t* v_at = reinterpret_cast<int64_t*>(kt + floats);
+    if (copy_v) std::fill(vc, vc + ldk * dv_pad, 0.0f);  // value columns past dv stay zero
     const uint8_t* keep_row = keeps + (keep_per_batch ? b * sk : 0);
     int64_t cached = -1, nk = 0;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t r = u / tiles, tile = u % tiles;
       const bool same = cached >= 0 && ip[r + 1] - ip[r] == ip[cached + 1] - ip[cached] &&
                         std::equal(idx + ip[r], idx + ip[r + 1], idx + ip[cached]);
-      if (!same) {  // gather the keys and values of block row r
+      if (!same) {  // gather the keys (and find the values) of block row r
         nk = (ip[r + 1] - ip[r]) * block_k;
         for (int64_t e = ip[r]; e < ip[r + 1]; ++e) {
           const int64_t t0 = (e - ip[r]) * block_k, key0 = static_cast<int64_t>(idx[e]) * block_k;
           const int64_t at = (b * sk + key0) * heads + h;
           kern.transpose(kF32, ks + at * d, block_k, d, heads * d, kt + t0, ldk, false);
           for (int64_t j = 0; j < block_k; ++j) {
-            std::memcpy(vc + (t0 + j) * dv_pad, vs + (at + j * heads) * dv, dv * sizeof(float));
+            const int64_t from = (at + j * heads) * dv;
+            if (copy_v) {
+              std::memcpy(vc + (t0 + j) * dv_pad, vs + from, dv * sizeof(float));
+              v_at[t0 + j] = (t0 + j) * dv_pad;
+            } else {
+              v_at[t0 + j] = from;
+            }
             kbias[t0 + j] = keep_row[key0 + j] ? 0.0f : -INFINITY;
           }
         }
@@ -134,10 +150,11 @@ ffi::Error BsrAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       t.ldq = heads * d;
       t.kt = kt;
       t.ldk = ldk;
-      t.v = vc;
-      t.ldv = dv_pad;
+      t.v = copy_v ? vc : vs;
+      t.v_at = v_at;
       t.kbias = kbias;
       t.scores = scores;
+      t.inv_sum = inv_sum;
       t.out = os + ((b * sq + i0) * heads + h) * dv;
       t.ldo = heads * dv;
       t.rows = std::min(kAttnRows, bm - tile * kAttnRows);

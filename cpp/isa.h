@@ -99,10 +99,11 @@ struct AttentionTile {
   int64_t ldq;
   const float* kt;     // the keys transposed: key t's element e at kt[e * ldk + t], t < nk_pad
   int64_t ldk;         // >= nk_pad; columns [nk, nk_pad) hold zeros
-  const float* v;      // value t at v + t * ldv (dv_pad floats, zero past dv)
-  int64_t ldv;
+  const float* v;      // value t at v + v_at[t]: dv floats, readable (and finite) up to dv_pad
+  const int64_t* v_at;
   const float* kbias;  // [nk_pad]: 0 for a key to attend to, -inf for a masked or padding key
   float* scores;       // scratch [rows, ldk]
+  float* inv_sum;      // scratch [rows]
   float* out;          // output row i at out + i * ldo (dv floats)
   int64_t ldo;
   int64_t rows, d, dv, nk, nk_pad, dv_pad;  // nk_pad, dv_pad: multiples of kAttnPad
