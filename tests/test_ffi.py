@@ -376,11 +376,11 @@ def test_malformed_bsr_nm_sddmm_in_jit():
         jax.block_until_ready(bsr_sddmm(jnp.array([2], jnp.int32), jnp.array([0, 1, 1], jnp.int32)))
 
 
-@pytest.mark.parametrize("m", [1040, 1030])
+@pytest.mark.parametrize("m", [1024, 1040, 1030])
 def test_linear_layout_large_output(rng, m):
-    """x @ A.T with an output over 1 MiB: whole 16-row tiles written with streaming stores when M
-    is a multiple of 16 (1040), partial tiles and plain stores otherwise (1030); every format,
-    one thread and the pool."""
+    """x @ A.T with an output over 1 MiB: written with streaming stores when its rows are a
+    multiple of 4 KiB apart (M = 1024), with plain stores otherwise, in whole 16-row tiles (1040)
+    or partial ones (1030); every format, one thread and the pool."""
     for fmt in ("csr", "bsr", "nm"):
         a, a64 = random_sparse(rng, (m, 64), 0.2 if fmt != "nm" else 1.0, fmt, jnp.float32,
                                block=(2, 8), nm=(2, 4))
