@@ -186,8 +186,11 @@ def sparsify(model: nnx.Module, *, sparsity: float | None = None, method: str | 
       :class:`~jaxsparse.layers.FrozenWeight`, not parameters (see
       :class:`~jaxsparse.layers.SparseLinear`).
 
+    >>> model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), jax.nn.relu)
     >>> model, report = jaxsparse.sparsify(model, sparsity=0.9)
-    >>> print(report)  # a table; json.dumps(report) works as well
+    >>> type(model.layers[0]).__name__, round(report.total_sparsity, 2)
+    ('SparseLinear', 0.9)
+    >>> text = str(report)  # a table; json.dumps(report) works as well
     """
     method = resolve_method(method, format, "sparsify")
     if calibration_memory is not None and (

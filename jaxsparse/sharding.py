@@ -5,11 +5,11 @@ that differs from one block of rows to the next. :func:`split_rows` cuts the *st
 ``n_shards`` equal blocks and pads each block's entries with explicit zeros to the largest nnz, so
 the shards have identical shapes and stack into **one** pytree whose arrays carry a leading shard
 axis. Shard that axis over a mesh axis (``P("model")``) and, inside ``shard_map``, take the local
-shard with :func:`local`:
+shard with :func:`local` (on four devices: not run as a doctest, see tests/test_sharding.py):
 
->>> mesh = jax.make_mesh((4,), ("model",))
->>> w1 = jaxsparse.sharding.split_rows(W1, 4)            # W1 stored [hidden, in]
->>> @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("model")),
+>>> mesh = jax.make_mesh((4,), ("model",))  # doctest: +SKIP
+>>> w1 = jaxsparse.sharding.split_rows(W1, 4)  # W1 stored [hidden, in]  # doctest: +SKIP
+>>> @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("model")),  # doctest: +SKIP
 ...                    out_specs=P(None, "model"))
 ... def layer(x, w):
 ...     return jax.nn.relu(x @ jaxsparse.sharding.local(w).T)   # [batch, hidden / 4] per device
