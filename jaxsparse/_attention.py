@@ -5,6 +5,10 @@ entries (:data:`jaxsparse.sddmm_p`), normalised with a softmax over the stored e
 (CSR patterns: ``row_softmax_p``, a native kernel on the CPU; BSR and N:M: a segment max / sum over
 row ids), and multiplied with ``v`` (:data:`jaxsparse.spmm_p`). The
 ``q_len x k_len`` score matrix is never formed: memory is O(batch * heads * nnz).
+
+A BSR pattern (float32, no mask or a key-padding mask) is one primitive instead,
+:data:`jaxsparse._block_attention.block_attention_p`, fused into a single native kernel on the CPU
+whose scores never leave the cache; the path above is its reference and its derivative.
 """
 
 from __future__ import annotations
@@ -138,7 +142,11 @@ def attention(query, key, value, pattern: SparseMatrix, *, scale: float | None =
     On a GPU (backend ``"auto"`` or ``"pallas"``), and with ``backend="pallas-interpret"``
     anywhere, a BSR pattern without ``mask`` whose block sizes and head dim are powers of two
     >= 16 runs the fused flash-style kernel :func:`jaxsparse.pallas.block_sparse_attention`
-    instead (forward only: differentiate with ``backend="reference"``).
+    instead (forward only: differentiate with ``backend="reference"``). Otherwise (backend
+    ``"auto"`` or ``"ffi"``) a float32 BSR pattern with no ``mask``, or one that only removes
+    keys (``[batch or 1, 1, 1, k_len]``), is computed in one fused pass: on the CPU a native
+    kernel that never writes the scores to memory, elsewhere the unfused path; derivatives go
+    through the unfused path. With :func:`jaxsparse.patterns.full` that is exact dense attention.
 
     >>> p = jaxsparse.patterns.causal(4)
     >>> q = jnp.ones((1, 4, 2, 8), jnp.float32)
