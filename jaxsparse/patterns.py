@@ -154,10 +154,7 @@ def full(q_len: int, k_len: int | None = None, *, block_size=None) -> BSR:
         bq, bk = (block_size, block_size) if np.isscalar(block_size) else tuple(block_size)
     if int(bq) != bq or int(bk) != bk or bq < 1 or bk < 1 or q % bq or k % bk:
         raise ValueError(f"full: block_size={block_size!r} must divide (q_len, k_len)={(q, k)}")
-    rows, cols = q // bq, k // bk
-    return BSR((jnp.ones((rows * cols, bq, bk), jnp.float32),
-                jnp.asarray(np.tile(np.arange(cols), rows).astype(INDEX_DTYPE)),
-                jnp.asarray((np.arange(rows + 1) * cols).astype(INDEX_DTYPE))), shape=(q, k))
+    return from_mask(np.ones((q, k), bool), block_size=(bq, bk))
 
 
 def from_mask(mask, block_size=None) -> CSR | BSR:

@@ -2,9 +2,8 @@
 
 The C++ extension ``_jaxsparse_cpu`` (built from ``cpp/`` by ``pip install``) exposes one FFI
 handler per kernel. Importing this module registers them with XLA and installs CPU lowerings of
-``spmm_p``/``spmm_fused_p``/``sddmm_p`` (and attention's ``row_softmax_p`` and ``block_attention_p``)
-that call them where a
-kernel applies, and the pure-JAX reference elsewhere. When the extension is missing (a source
+``spmm_p``/``spmm_fused_p``/``sddmm_p`` (and attention's ``row_softmax_p`` and
+``block_attention_p``) that call them where a kernel applies, and the pure-JAX reference elsewhere. When the extension is missing (a source
 checkout that was never built, say) jaxsparse still works on the reference path;
 :data:`AVAILABLE` is False and :data:`UNAVAILABLE_REASON` says why.
 """
