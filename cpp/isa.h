@@ -83,13 +83,19 @@ struct SellProblem {
   int64_t n;                   // vectors in this pass, 1 to kSellMaxN
 };
 
-// spmm_rows visits the entries of a float32 product in K-blocks, up to kBlockedRows rows at a
-// time, when a [K, W] strip of B would exceed kStripBytes by half (see StripRows). For the widest
-// strips (8 AVX-512 vectors, 128 float32 columns) that is K > kBlockedK; a caller that splits its
-// rows should then pass as many rows per call as it can, up to kBlockedRows.
+// spmm_rows visits the entries of a float32 product (B float32, not BSR) in K-blocks, up to
+// kBlockedRows rows at a time (see StripRows), when a [K, W] strip of B would exceed kStripBytes
+// by half (for the widest strips, 8 AVX-512 vectors of float32, that is K > kBlockedK), or when
+// the rows hold at least kL1BlockMin entries per kL1BlockK columns on average and the product
+// has at least kL1BlockN columns (blocks of kL1BlockK columns, whose rows of B stay in L1). A
+// caller that splits its rows should then pass as many rows per call as it can, up to
+// kBlockedRows.
 constexpr int64_t kStripBytes = 384 << 10;
 constexpr int64_t kBlockedRows = 256;
 constexpr int64_t kBlockedK = kStripBytes / (128 * 4) * 3 / 2;
+constexpr int64_t kL1BlockK = 64;
+constexpr int64_t kL1BlockMin = 12;
+constexpr int64_t kL1BlockN = 128;
 
 // One tile of fused block-sparse attention (attention.cc): `rows` query rows of one (batch,
 // head) against the tile's `nk` keys, which the caller has gathered into compact copies.

@@ -261,10 +261,41 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   // so that each tile is written as 16 whole, aligned 64-byte segments of out's rows.
   const int64_t bm = p.fmt == kBsr ? p.bm : 1;
   const int64_t tile = std::max<int64_t>(1, kTileRows / bm);
-  // A K-blocked product (isa.h) fetches each K-block of B into L2 once per group of rows, so its
-  // groups should be large: nk blocks of up to kBlockedRows rows, and 2 parts per thread instead
-  // of 8 (768x3072 at N = 1024, interleaved in one process: ~29 -> ~18 ms, kn and nk).
-  const bool blocked = p.dt == kF32 && p.fmt != kBsr && s.k > kBlockedK && s.n > 1;
+  // float16 B is widened to float32 once (see SpmmRowsT; the vector builds have no float16
+  // kernels); bfloat16 B stays bfloat16 and is widened in registers.
+  const bool widen = p.dt == kF16;
+  const int panel_dt = widen ? kF32 : p.dt;
+  const int64_t panel_esz = DtSize(panel_dt);
+  // nk with at least 48 tokens per thread: each task takes a slice of the tokens (N / threads, in
+  // multiples of 16, at most kChunkCols) through every row of A, transposing its own slice of B
+  // into its own panel. The panel then stays in the L2 of the core that wrote it and reads it,
+  // where the shared panel below is written by all threads and read by all (half of its lines
+  // come from the other core's cache). Every task reads all of A, but that is 6 bytes per entry
+  // (packed CSR) against the 256 bytes of B a strip of 64 columns loads for it. Interleaved in
+  // one process (90%): MiniLM-sized layers (384 / 1536 wide) at N = 1024 ~1.45x faster, at
+  // N = 128 within noise to ~5%; 3072x768 at N = 128 and 1024 ~1.25x; 768x3072 (K-blocked), BSR
+  // 16x16, bfloat16 and N = 197 within noise.
+  const int64_t per_thread = ((s.n + threads - 1) / threads + 15) / 16 * 16;
+  // A slice is also narrowed until its panel fits kStripBytes (float32: 128 columns at K = 768,
+  // 64 at 1536, 32 at 3072), though not below 32 columns (64 for BSR, whose strips of 32 columns
+  // were ~1.2x slower than 64), so that each thread's panel stays in its L2. 90%, interleaved,
+  // against slices of up to 128 columns:
+  // 768x3072 ~1.15x faster at N = 128 (32 columns) and N = 1024; 384x1536 ~1.14x and BSR 16x16
+  // 768x3072 ~1.19x at N = 1024; 3072x768 unchanged.
+  const bool slices_per_thread = nk && threads > 1 && per_thread >= 48;
+  const int64_t fits = kStripBytes / (std::max<int64_t>(1, s.k) * panel_esz) / 16 * 16;
+  const int64_t slice = std::min({kChunkCols, per_thread,
+                                  std::max<int64_t>(p.fmt == kBsr ? 64 : 32, fits)});
+  // A K-blocked product (isa.h) fetches each K-block of B into L2 (L1) once per group of rows, so
+  // its groups should be large: nk blocks of up to kBlockedRows rows, and 2 parts per thread
+  // instead of 8 (768x3072 at N = 1024, interleaved in one process: ~29 -> ~18 ms, kn and nk).
+  // Blocks for L1 need dense rows and columns of B in chunks (kn, the nk panel) or slices (nk) of
+  // kL1BlockN or more.
+  const int64_t stored = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows];
+  const bool dense_rows = s.k > kL1BlockK && stored * kL1BlockK >= kL1BlockMin * s.rows * s.k &&
+                          (slices_per_thread ? slice : std::min(s.n, kChunkCols)) >= kL1BlockN;
+  const bool blocked =
+      p.dt == kF32 && p.fmt != kBsr && s.n > 1 && (s.k > kBlockedK || dense_rows);
   const int64_t sub = blocked ? std::max<int64_t>(1, kBlockedRows / bm) : tile;
   const std::vector<int64_t> parts = Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows,
                                                threads, nk ? tile : 1, blocked ? 2 : 8);
@@ -297,16 +328,11 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
     return first_bad.Get();
   }
 
-  // float16 B is widened to float32 once (see SpmmRowsT; the vector builds have no float16
-  // kernels); bfloat16 B stays bfloat16 and is widened in registers.
   // kn copies B first, its rows PaddedLd apart, when they are not a whole number of cache lines
   // apart (N = 197 tokens: every vector load straddles two lines; 1.2-1.4x faster with the copy,
   // 768x768 to 3072x768 at 90%, interleaved) or, past one 128-column strip, a multiple of 512
   // bytes (N = 1024 float32: 4 KiB apart, the rows a strip visits share an eighth of L2; ~17 ->
   // ~10 ms on 3072x768).
-  const bool widen = p.dt == kF16;
-  const int panel_dt = widen ? kF32 : p.dt;
-  const int64_t panel_esz = DtSize(panel_dt);
   const bool pad = !nk && s.n > 16 && ((s.n * panel_esz) % 64 != 0 ||
                                         (s.n > 128 && (s.n * panel_esz) % 512 == 0));
   const int64_t b_rows = nk ? s.n : s.k, b_cols = nk ? s.k : s.n;
@@ -400,26 +426,6 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
                      static_cast<char*>(out) + (n0 * s.m + r0 * bm) * esz, s.m, stream);
     }
   };
-  // nk with at least 48 tokens per thread: each task takes a slice of the tokens (N / threads, in
-  // multiples of 16, at most kChunkCols) through every row of A, transposing its own slice of B
-  // into its own panel. The panel then stays in the L2 of the core that wrote it and reads it,
-  // where the shared panel below is written by all threads and read by all (half of its lines
-  // come from the other core's cache). Every task reads all of A, but that is 6 bytes per entry
-  // (packed CSR) against the 256 bytes of B a strip of 64 columns loads for it. Interleaved in
-  // one process (90%): MiniLM-sized layers (384 / 1536 wide) at N = 1024 ~1.45x faster, at
-  // N = 128 within noise to ~5%; 3072x768 at N = 128 and 1024 ~1.25x; 768x3072 (K-blocked), BSR
-  // 16x16, bfloat16 and N = 197 within noise.
-  const int64_t per_thread = ((s.n + threads - 1) / threads + 15) / 16 * 16;
-  // A slice is also narrowed until its panel fits kStripBytes (float32: 128 columns at K = 768,
-  // 64 at 1536, 32 at 3072), though not below 32 columns (64 for BSR, whose strips of 32 columns
-  // were ~1.2x slower than 64), so that each thread's panel stays in its L2. 90%, interleaved,
-  // against slices of up to 128 columns:
-  // 768x3072 ~1.15x faster at N = 128 (32 columns) and N = 1024; 384x1536 ~1.14x and BSR 16x16
-  // 768x3072 ~1.19x at N = 1024; 3072x768 unchanged.
-  const bool slices_per_thread = threads > 1 && per_thread >= 48;
-  const int64_t fits = kStripBytes / (std::max<int64_t>(1, s.k) * panel_esz) / 16 * 16;
-  const int64_t slice = std::min({kChunkCols, per_thread,
-                                  std::max<int64_t>(p.fmt == kBsr ? 64 : 32, fits)});
   if (slices_per_thread) {
     if (!chunk_major) {
       ParallelFor(pool, n_parts, [&](int64_t q) { valid(q); });

@@ -430,6 +430,59 @@ def test_k_blocked_products(rng):
     assert_close(out, s32 @ x.astype(np.float64), jnp.float32)
 
 
+def _dense_rows(rng, shape):
+    """A float32 CSR dense enough for blocks of 64 columns in L1 (>= 12 entries per block on
+    average), with rows the blocks must still get right: empty, full, entries only in the first
+    block or only in the last (partial) one."""
+    m, k = shape
+    mask = rng.random(shape) < 0.4
+    mask[1] = False
+    mask[2] = True
+    mask[3] = False
+    mask[3, :5] = True
+    mask[4] = False
+    mask[4, -3:] = True
+    _, dense64 = rounded(rng.standard_normal(shape) * mask, jnp.float32)
+    return jaxsparse.CSR.fromdense(jnp.asarray(dense64, jnp.float32)), dense64
+
+
+def test_dense_rows_take_l1_k_blocks(rng):
+    """Rows dense enough (40%) at N >= 128 take K-blocks of 64 columns at any K: K = 200 (four
+    blocks, the last partial), 600 rows (groups of 256 and a partial one), strips of 8 vectors,
+    1 and a tail (N = 149), three column chunks (N = 300); int32 and packed indices, N:M 2:4, both
+    layouts, each instruction set, one thread and the pool."""
+    a, _ = _dense_rows(rng, (600, 200))
+    nm, _ = random_sparse(rng, (300, 200), 1.0, "nm", jnp.float32, nm=(2, 4))
+    for mat in (a, jaxsparse.pack(a, matvec=False), nm):
+        for n in (128, 149, 300):
+            for fn, x, expected in _products(mat, n, rng, jnp.float32):
+                for name, threads in itertools.product(ISAS, (1, 0)):
+                    with isa(name), max_threads(threads):
+                        assert_close(fn(mat, x), expected, jnp.float32)
+
+
+def test_dense_rows_unsorted_and_wide(rng):
+    """L1 K-blocks with unsorted indices (built inside jit, where construction cannot check: each
+    entry still added exactly once) and with K past what the block bounds can hold on the stack
+    (K = 70000, int32 indices: the rows are multiplied unblocked)."""
+    s = sp.random(300, 256, density=0.4, format="csr", random_state=2, dtype=np.float64)
+    order = np.concatenate([rng.permutation(np.arange(s.indptr[i], s.indptr[i + 1]))
+                            for i in range(300)])
+    x = rng.standard_normal((256, 130)).astype(np.float32)
+
+    @jax.jit
+    def unsorted(data, indices, indptr, x):
+        a = jaxsparse.CSR((data, indices, indptr), shape=(300, 256))
+        return jaxsparse.matmul(a, x, backend="ffi")
+
+    out = unsorted(jnp.asarray(s.data[order], jnp.float32),
+                   jnp.asarray(s.indices[order], jnp.int32), jnp.asarray(s.indptr, jnp.int32), x)
+    assert_close(out, s.astype(np.float32).astype(np.float64) @ x.astype(np.float64), jnp.float32)
+    wide, _ = _dense_rows(rng, (6, 70000))
+    for fn, x, expected in _products(wide, 128, rng, jnp.float32):
+        assert_close(fn(wide, x), expected, jnp.float32)
+
+
 @pytest.mark.parametrize("density", [0.05, 0.8], ids=["small-a", "large-a"])
 def test_column_chunk_orders(rng, density):
     """Columns in chunks of 128: a small A (~50 KiB) takes (chunk, part) tasks chunk-major, a
