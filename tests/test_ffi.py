@@ -405,29 +405,35 @@ def test_bsr_row_groups(rng, bm):
 
 
 def test_k_blocked_products(rng):
-    """K large enough that a strip of B is visited in K-blocks (float32, K = 2400 at N >= 128),
-    strips of 8 vectors, 1 vector and a scalar tail (N = 149), both layouts, CSR and N:M; and a
-    CSR whose rows are not sorted (built inside jit, where construction cannot check), which
-    the blocked kernel must still sum exactly once per entry."""
+    """K large enough that a strip of B is visited in K-blocks for L2 (float32, K = 2400 at
+    N >= 128; rows too sparse for blocks in L1, but for a few long ones), strips of 8 vectors, 1
+    vector and a scalar tail (N = 149), both layouts, CSR and N:M; and a CSR as sparse whose rows
+    are not sorted, which the blocked kernel must still sum exactly once per entry."""
     for fmt in ("csr", "nm"):
-        a, a64 = (_skewed(rng, (50, 2400), fmt, jnp.float32) if fmt == "csr" else
-                  random_sparse(rng, (50, 2400), 1.0, fmt, jnp.float32, nm=(1, 4)))
+        a, a64 = (_skewed(rng, (50, 2400), fmt, jnp.float32, density=0.1) if fmt == "csr" else
+                  random_sparse(rng, (50, 2400), 1.0, fmt, jnp.float32, nm=(1, 8)))
         for fn, x, expected in _products(a, 149, rng, jnp.float32):
             assert_close(fn(a, x), expected, jnp.float32)
-    s = sp.random(40, 2400, density=0.3, format="csr", random_state=0, dtype=np.float64)
+    _check_unsorted_rows(rng, (40, 2400), 0.1)  # ~6 entries per 64 columns: blocks for L2
+
+
+def _check_unsorted_rows(rng, shape, density):
+    """A float32 CSR product (N = 130) whose rows' indices are shuffled, built inside jit (where
+    construction cannot check them), against the float64 product: each entry added once."""
+    m, k = shape
+    s = sp.random(m, k, density=density, format="csr", random_state=0, dtype=np.float64)
     order = np.concatenate([rng.permutation(np.arange(s.indptr[i], s.indptr[i + 1]))
-                            for i in range(40)])
-    x = rng.standard_normal((2400, 130)).astype(np.float32)
+                            for i in range(m)])
+    x = rng.standard_normal((k, 130)).astype(np.float32)
 
     @jax.jit
     def unsorted(data, indices, indptr, x):
-        a = jaxsparse.CSR((data, indices, indptr), shape=(40, 2400))
+        a = jaxsparse.CSR((data, indices, indptr), shape=shape)
         return jaxsparse.matmul(a, x, backend="ffi")
 
-    out = unsorted(jnp.asarray(s.data[order], jnp.float32), jnp.asarray(s.indices[order], jnp.int32),
-                   jnp.asarray(s.indptr, jnp.int32), x)
-    s32 = s.astype(np.float32).astype(np.float64)
-    assert_close(out, s32 @ x.astype(np.float64), jnp.float32)
+    out = unsorted(jnp.asarray(s.data[order], jnp.float32),
+                   jnp.asarray(s.indices[order], jnp.int32), jnp.asarray(s.indptr, jnp.int32), x)
+    assert_close(out, s.astype(np.float32).astype(np.float64) @ x.astype(np.float64), jnp.float32)
 
 
 def _dense_rows(rng, shape):
@@ -463,21 +469,9 @@ def test_dense_rows_take_l1_k_blocks(rng):
 
 def test_dense_rows_unsorted_and_wide(rng):
     """L1 K-blocks with unsorted indices (built inside jit, where construction cannot check: each
-    entry still added exactly once) and with K past what the block bounds can hold on the stack
-    (K = 70000, int32 indices: the rows are multiplied unblocked)."""
-    s = sp.random(300, 256, density=0.4, format="csr", random_state=2, dtype=np.float64)
-    order = np.concatenate([rng.permutation(np.arange(s.indptr[i], s.indptr[i + 1]))
-                            for i in range(300)])
-    x = rng.standard_normal((256, 130)).astype(np.float32)
-
-    @jax.jit
-    def unsorted(data, indices, indptr, x):
-        a = jaxsparse.CSR((data, indices, indptr), shape=(300, 256))
-        return jaxsparse.matmul(a, x, backend="ffi")
-
-    out = unsorted(jnp.asarray(s.data[order], jnp.float32),
-                   jnp.asarray(s.indices[order], jnp.int32), jnp.asarray(s.indptr, jnp.int32), x)
-    assert_close(out, s.astype(np.float32).astype(np.float64) @ x.astype(np.float64), jnp.float32)
+    entry still added exactly once) and with K past what the bounds of blocks of 64 columns can
+    hold on the stack (K = 70000, int32 indices: the rows take blocks for L2, or none)."""
+    _check_unsorted_rows(rng, (300, 256), 0.4)
     wide, _ = _dense_rows(rng, (6, 70000))
     for fn, x, expected in _products(wide, 128, rng, jnp.float32):
         assert_close(fn(wide, x), expected, jnp.float32)
