@@ -282,20 +282,27 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   // against slices of up to 128 columns:
   // 768x3072 ~1.15x faster at N = 128 (32 columns) and N = 1024; 384x1536 ~1.14x and BSR 16x16
   // 768x3072 ~1.19x at N = 1024; 3072x768 unchanged.
-  const bool slices_per_thread = nk && threads > 1 && per_thread >= 48;
   const int64_t fits = kStripBytes / (std::max<int64_t>(1, s.k) * panel_esz) / 16 * 16;
   const int64_t slice = std::min({kChunkCols, per_thread,
                                   std::max<int64_t>(p.fmt == kBsr ? 64 : 32, fits)});
+  // Rows dense enough for K-blocks in L1 (isa.h) take them only in products of kL1BlockN columns
+  // or more at a time: chunks of kn and of the shared nk panel, or nk slices. So such rows keep
+  // the shared panel where the slices would be narrower (N = 128 on two threads: 64 columns; 32
+  // at K = 3072). Interleaved in one process, 50-80% sparsity, against the slices: 3072x768
+  // 1.1-1.25x faster at N = 128 and 1.16-1.29x at N = 197, 768x3072 1.37-1.75x at N = 128 and
+  // 1.13-1.5x at N = 1024, 384x1536 1.16-1.48x; 1536x384 1.0-1.3x (0.85-1.0x at 80%).
+  const int64_t stored = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows];
+  const bool l1_rows = p.dt == kF32 && p.fmt != kBsr && s.k > kL1BlockK &&
+                       stored * kL1BlockK >= kL1BlockMin * s.rows * s.k;
+  const bool slices_per_thread = nk && threads > 1 && per_thread >= 48 &&
+                                 !(l1_rows && s.n >= kL1BlockN && slice < kL1BlockN);
   // A K-blocked product (isa.h) fetches each K-block of B into L2 (L1) once per group of rows, so
   // its groups should be large: nk blocks of up to kBlockedRows rows, and 2 parts per thread
   // instead of 8 (768x3072 at N = 1024, interleaved in one process: ~29 -> ~18 ms, kn and nk).
-  // Blocks for L1 need dense rows and columns of B in chunks (kn, the nk panel) or slices (nk) of
-  // kL1BlockN or more.
-  const int64_t stored = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows];
-  const bool dense_rows = s.k > kL1BlockK && stored * kL1BlockK >= kL1BlockMin * s.rows * s.k &&
-                          (slices_per_thread ? slice : std::min(s.n, kChunkCols)) >= kL1BlockN;
+  const bool l1_blocks =
+      l1_rows && (slices_per_thread ? slice : std::min(s.n, kChunkCols)) >= kL1BlockN;
   const bool blocked =
-      p.dt == kF32 && p.fmt != kBsr && s.n > 1 && (s.k > kBlockedK || dense_rows);
+      p.dt == kF32 && p.fmt != kBsr && s.n > 1 && (s.k > kBlockedK || l1_blocks);
   const int64_t sub = blocked ? std::max<int64_t>(1, kBlockedRows / bm) : tile;
   const std::vector<int64_t> parts = Partition(p.fmt == kNm ? nullptr : p.indptr, s.rows,
                                                threads, nk ? tile : 1, blocked ? 2 : 8);
