@@ -37,6 +37,7 @@ struct SpmmProblem {
   int64_t ldb;
   bool b_f32;                    // b holds float32 (a widened copy of a half-type operand)
   int64_t k, n;                  // columns of A (rows of B), columns of B
+  bool l1_blocks;                // float32 rows dense enough for K-blocks in L1 (see below)
 };
 
 // SDDMM on a CSR or BSR pattern [M, N]: out[p] = dot(lhs[row(p)], rhs[col(p)]) with lhs [M, K]
@@ -85,11 +86,11 @@ struct SellProblem {
 
 // spmm_rows visits the entries of a float32 product (B float32, not BSR) in K-blocks, up to
 // kBlockedRows rows at a time (see StripRows), when a [K, W] strip of B would exceed kStripBytes
-// by half (for the widest strips, 8 AVX-512 vectors of float32, that is K > kBlockedK), or when
-// the rows hold at least kL1BlockMin entries per kL1BlockK columns on average and the product
-// has at least kL1BlockN columns (blocks of kL1BlockK columns, whose rows of B stay in L1). A
-// caller that splits its rows should then pass as many rows per call as it can, up to
-// kBlockedRows.
+// by half (for the widest strips, 8 AVX-512 vectors of float32, that is K > kBlockedK), or, with
+// p.l1_blocks (the caller's decision: rows holding at least kL1BlockMin entries per kL1BlockK
+// columns on average), in blocks of kL1BlockK columns whose rows of B stay in L1, for products of
+// at least kL1BlockN columns. A caller that splits its rows should then pass as many rows per
+// call as it can, up to kBlockedRows.
 constexpr int64_t kStripBytes = 384 << 10;
 constexpr int64_t kBlockedRows = 256;
 constexpr int64_t kBlockedK = kStripBytes / (128 * 4) * 3 / 2;

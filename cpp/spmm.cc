@@ -291,9 +291,9 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   // at K = 3072). Interleaved in one process, 50-80% sparsity, against the slices: 3072x768
   // 1.1-1.25x faster at N = 128 and 1.16-1.29x at N = 197, 768x3072 1.37-1.75x at N = 128 and
   // 1.13-1.5x at N = 1024, 384x1536 1.16-1.48x; 1536x384 1.0-1.3x (0.85-1.0x at 80%).
-  const int64_t stored = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows];
+  const int64_t entries = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows] * p.bm * p.bk;
   const bool l1_rows = p.dt == kF32 && p.fmt != kBsr && s.k > kL1BlockK &&
-                       stored * kL1BlockK >= kL1BlockMin * s.rows * s.k;
+                       entries * kL1BlockK >= kL1BlockMin * s.rows * s.k;
   const bool slices_per_thread = nk && threads > 1 && per_thread >= 48 &&
                                  !(l1_rows && s.n >= kL1BlockN && slice < kL1BlockN);
   // A K-blocked product (isa.h) fetches each K-block of B into L2 (L1) once per group of rows, so
@@ -309,6 +309,7 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
   p.k = s.k;
   p.n = s.n;
+  p.l1_blocks = l1_blocks;
   FirstBad first_bad;
   auto valid = [&](int64_t q) {  // false (and the entry reported) when part q has a bad entry
     const int64_t e = FirstBadEntry(p, parts[q], parts[q + 1], limit);
@@ -377,7 +378,6 @@ int64_t RunSpmm(ffi::ThreadPool& pool, SpmmProblem p, const Shape& s, bool nk, c
   // keeps one task per part, all chunks in turn, so that the part's entries stay in L2 (3072x768:
   // chunk-major was ~5% slower). Chunk-major parts are validated first, in a pass of their own.
   const int64_t chunks = (s.n + kChunkCols - 1) / kChunkCols;
-  const int64_t entries = p.fmt == kNm ? s.rows * p.slots : p.indptr[s.rows] * p.bm * p.bk;
   const int64_t index_bytes = p.fmt == kNm ? 1 : p.indices16 != nullptr ? 2 : 4;
   const bool chunk_major = chunks > 1 && entries * (esz + index_bytes) <= threads * kStripBytes;
   if (chunk_major) {
