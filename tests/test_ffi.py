@@ -470,7 +470,7 @@ def test_dense_rows_take_l1_k_blocks(rng):
 def test_dense_rows_unsorted_and_wide(rng):
     """L1 K-blocks with unsorted indices (built inside jit, where construction cannot check: each
     entry still added exactly once) and with K past what the bounds of blocks of 64 columns can
-    hold on the stack (K = 70000, int32 indices: the rows take blocks for L2, or none)."""
+    hold on the stack (K = 70000, int32 indices: the rows take blocks for L2 instead)."""
     _check_unsorted_rows(rng, (300, 256), 0.4)
     wide, _ = _dense_rows(rng, (6, 70000))
     for fn, x, expected in _products(wide, 128, rng, jnp.float32):
