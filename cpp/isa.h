@@ -60,7 +60,9 @@ struct SddmmProblem {
 // jaxsparse.pack builds for float32 CSR matrices (see _pack.py): rows in slices of kSellLanes;
 // within a slice, the columns in windows of kSellWindow; for each (slice, window) group holding
 // entries, `slots` vectors of kSellLanes (value, column-in-window) pairs, lane j belonging to row
-// 16 s + j. A slot needs no gather: its 16 columns index the window of x held in four registers:
+// rows[16 s + j]: pack orders the rows so that each slice's rows need few slots, within blocks of
+// kSellBlock slices (block b's lanes hold rows [16 kSellBlock b, 16 kSellBlock (b + 1)), so a
+// thread computing whole blocks writes rows of y no other thread writes). A slot needs no gather: its 16 columns index the window of x held in four registers:
 // 63 columns of x and a zero, which padding lanes (value 0, column kSellPad) read, so that a NaN
 // or Inf in x never meets a padded 0 (only stored entries multiply, as in the other kernels).
 // The columns of a slot are read once for every vector of the pass.
@@ -69,12 +71,14 @@ constexpr int64_t kSellWindow = 63;   // columns of A per window
 constexpr int64_t kSellStride = 64;   // floats per window of the padded x
 constexpr uint8_t kSellPad = 63;      // the column of padding lanes: the zero after each window
 constexpr int64_t kSellMaxN = 4;      // vectors per pass (four registers of x each)
+constexpr int64_t kSellBlock = 8;     // slices per block of reordered rows (128 rows)
 struct SellProblem {
   const float* values;         // [slots * 16]
   const uint8_t* columns;      // [slots * 16], each < 63, or kSellPad
   const int32_t* group_window; // [groups]: window of x of each group
   const int32_t* group_ptr;    // [groups + 1]: first slot of each group
   const int32_t* slice_ptr;    // [slices + 1]: first group of each slice
+  const int32_t* rows;         // [m]: the row of A in lane j of slice s is rows[16 s + j]
   const float* x;              // vector j: x + j * x_stride, [windows * 64]: window w is
                                // x[63 w, 63 w + 63), zeros after
   int64_t x_stride;

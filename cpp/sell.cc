@@ -46,6 +46,21 @@ int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
   return -1;
 }
 
+// Whether the lanes of block b (slices [kSellBlock b, kSellBlock (b + 1))) hold each of its rows
+// [r0, r1) once: none out of the range, none twice, so that the kernel writes every row of y
+// (and only rows of this block, which no other part writes).
+bool BlockRowsValid(const SellProblem& p, int64_t b) {
+  constexpr int64_t kRows = kSellBlock * kSellLanes;
+  const int64_t r0 = b * kRows, r1 = std::min(p.m, r0 + kRows);
+  uint64_t seen[kRows / 64] = {};
+  for (int64_t q = r0; q < r1; ++q) {
+    const int64_t i = static_cast<int64_t>(p.rows[q]) - r0;
+    if (i < 0 || i >= r1 - r0 || (seen[i / 64] >> (i % 64) & 1)) return false;
+    seen[i / 64] |= uint64_t{1} << (i % 64);
+  }
+  return true;
+}
+
 int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     if (!ColumnsFit(p, g, kSellStride)) return g;
@@ -56,7 +71,8 @@ int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
 ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
                     ffi::Buffer<ffi::U8> columns, ffi::Buffer<ffi::S32> group_window,
                     ffi::Buffer<ffi::S32> group_ptr, ffi::Buffer<ffi::S32> slice_ptr,
-                    ffi::Buffer<ffi::F32> x, ffi::Result<ffi::Buffer<ffi::F32>> y, bool nk) {
+                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> x,
+                    ffi::Result<ffi::Buffer<ffi::F32>> y, bool nk) {
   const auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || (nk ? xd[0] != yd[0] : xd[1] != yd[1])) {
     return ffi::Error::InvalidArgument(
@@ -73,6 +89,11 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
         std::to_string(slices + 1) + " entries and group_ptr len(group_window) + 1 = " +
         std::to_string(groups + 1) + "; got " + std::to_string(slice_ptr.element_count()) +
         " and " + std::to_string(group_ptr.element_count()));
+  }
+  if (static_cast<int64_t>(rows.element_count()) != m) {
+    return ffi::Error::InvalidArgument(std::string(kWhat) + ": rows must have M = " +
+                                       std::to_string(m) + " entries, got " +
+                                       std::to_string(rows.element_count()));
   }
   if (auto err = ValidateIndptr(slice_ptr.typed_data(), slices, groups, kWhat, "slice_ptr",
                                 "len(group_window)");
@@ -113,16 +134,23 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   }
 
   SellProblem p{values.typed_data(), columns.typed_data(), group_window.typed_data(),
-                group_ptr.typed_data(), slice_ptr.typed_data(), xp, x_stride, y->typed_data(),
-                nk ? 1 : n, nk ? m : 1, m, 0};
-  // Parts of equal work: slots per slice, as an offsets array for Partition.
+                group_ptr.typed_data(), slice_ptr.typed_data(), rows.typed_data(), xp, x_stride,
+                y->typed_data(), nk ? 1 : n, nk ? m : 1, m, 0};
+  // Parts of equal work (slots per slice, as an offsets array for Partition) made of whole blocks.
   std::vector<int32_t> work(slices + 1);
   for (int64_t s = 0; s <= slices; ++s) work[s] = p.group_ptr[p.slice_ptr[s]];
-  const std::vector<int64_t> parts = Partition(work.data(), slices, NumThreads(pool), 1, 8);
+  const std::vector<int64_t> parts =
+      Partition(work.data(), slices, NumThreads(pool), kSellBlock, 8);
   const int64_t n_parts = static_cast<int64_t>(parts.size()) - 1;
   const IsaKernels& kern = SelectKernels(kF32);
-  FirstBad first_bad;
+  FirstBad first_bad, first_bad_block;
   ParallelFor(pool, n_parts, [&](int64_t q) {
+    for (int64_t b = parts[q] / kSellBlock; b * kSellBlock < parts[q + 1]; ++b) {
+      if (!BlockRowsValid(p, b)) {
+        first_bad_block.Report(b);
+        return;
+      }
+    }
     const int64_t g0 = p.slice_ptr[parts[q]], g1 = p.slice_ptr[parts[q + 1]];
     int64_t bad = FirstBadGroup(p, g0, g1, k);
     uint8_t seen = 0;
@@ -137,6 +165,14 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
     if (bad < 0 && seen >= kSellStride) bad = FirstWideColumn(p, g0, g1);
     if (bad >= 0) first_bad.Report(bad);
   });
+  if (const int64_t b = first_bad_block.Get(); b >= 0) {
+    constexpr int64_t kRows = kSellBlock * kSellLanes;
+    return ffi::Error::InvalidArgument(
+        std::string(kWhat) + ": rows[" + std::to_string(b * kRows) + ":" +
+        std::to_string(std::min(m, (b + 1) * kRows)) + "] must hold each of the rows " +
+        std::to_string(b * kRows) + " to " + std::to_string(std::min(m, (b + 1) * kRows) - 1) +
+        " once (rows are reordered within blocks of " + std::to_string(kRows) + ")");
+  }
   if (const int64_t g = first_bad.Get(); g >= 0) {
     return ffi::Error::InvalidArgument(
         std::string(kWhat) + ": group " + std::to_string(g) + " (window " +
@@ -157,6 +193,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kSellSpmv, SellSpmv,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_window [groups]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_ptr [groups + 1]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slice_ptr [slices + 1]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [M]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [K, N] or [N, K] (nk)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N] or [N, M] (nk)
                                   .Attr<bool>("nk"));

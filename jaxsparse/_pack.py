@@ -7,14 +7,15 @@ SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :clas
 * for float32, a second copy of the matrix in a *sliced* layout for products with one vector
   (``N = 1``) or a few (:func:`takes_sliced`): rows in slices of 16, columns in windows of 63. For
   each (slice, window) holding entries it stores ``c`` vectors of 16
-  ``(value, column - 63 * window)`` pairs, lane ``j`` for row ``16 * slice + j``, where ``c`` is
-  the most entries any of the 16 rows has in the window (the others padded with value 0 and column
-  63). The kernel then needs no gather: the 16 columns of a vector index the window of ``x`` held
+  ``(value, column - 63 * window)`` pairs, lane ``j`` for row ``rows[16 * slice + j]``, where
+  ``c`` is the most entries any of the 16 rows has in the window (the others padded with value 0
+  and column 63); the rows are ordered, within blocks of 128, so that each slice's rows need few
+  slots (:func:`_slice_order`). The kernel then needs no gather: the 16 columns of a vector index the window of ``x`` held
   in four registers (AVX-512 ``vpermt2ps``): its 63 values and a zero, which the padding reads, so
   a NaN or Inf in ``x`` never meets a padded 0. The 16 sums are the 16 lanes of one accumulator,
-  with no horizontal sums. On a 3072x768 matrix at 90% sparsity this holds ~1.7 slots per nonzero
-  (~8.6 bytes per nonzero with the 1-byte columns) and runs ~2.6x faster than the gathering CSR
-  kernel. With several vectors the kernel reads each slot's columns once for up to four of them.
+  with no horizontal sums. On a random 3072x768 matrix at 90% sparsity this holds ~1.56 slots
+  per 16 nonzeros (1.73 in the rows' own order; ~7.8 bytes per nonzero with the 1-byte columns)
+  and runs ~2.6x faster than the gathering CSR kernel. With several vectors the kernel reads each slot's columns once for up to four of them.
 
 A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
 ``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
@@ -40,6 +41,7 @@ _MAX_K16 = 1 << 16
 SLICE = 16  # rows per slice (lanes of an AVX-512 float32 vector)
 WINDOW = 63  # columns per window (four AVX-512 registers of x hold them and a zero)
 PAD = 63  # the column padding lanes read: the zero after the window
+BLOCK = 8 * SLICE  # rows are reordered within blocks of 8 slices (cpp/isa.h: kSellBlock)
 
 
 class SlicedMatvec(NamedTuple):
@@ -50,6 +52,7 @@ class SlicedMatvec(NamedTuple):
     group_window: jax.Array  # int32 [groups]
     group_ptr: jax.Array     # int32 [groups + 1], first slot of each group
     slice_ptr: jax.Array     # int32 [ceil(M / 16) + 1], first group of each slice
+    rows: jax.Array          # int32 [M]: the row of A in lane j of slice s is rows[16 s + j]
 
 
 class TransposePlan(NamedTuple):
@@ -102,7 +105,8 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
       stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%), on CPUs with
       AVX-512 (elsewhere the CSR kernel, faster there, computes them:
       ``jaxsparse.ffi.SLICED_KERNEL``).
-      The sliced copy takes ~1.7x (90% sparsity) to ~3x (98%) the nonzeros in 5-byte slots; pass
+      The sliced copy takes ~1.56x (90% sparsity) to ~2.3x (98%) the nonzeros in 5-byte lanes
+      (and 4 bytes per row for its order); pass
       ``matvec=False`` when the weight only meets larger ``N``. ``transpose=True`` also
       stores a :class:`TransposePlan` (the pattern of ``A.T`` and a permutation, ~6 more bytes
       per stored entry) so that products with ``A.T`` (``A.T @ X``, ``x @ A``, and the gradient
@@ -163,6 +167,34 @@ def transpose_plan(indices: np.ndarray, indptr: np.ndarray, shape) -> TransposeP
                          jnp.asarray(np.r_[0, np.cumsum(counts)].astype(np.int32)))
 
 
+def _slice_order(counts: np.ndarray) -> np.ndarray:
+    """An order of the rows (position -> row) whose slices of 16 need few slots: ``counts[i, w]``
+    is row i's entries in window w, and a slice takes, per window, as many slots as its fullest
+    row there. Greedy, within each block of ``BLOCK`` rows (the native kernel gives each thread
+    whole blocks, so no two threads write the same rows of the output): a slice starts from the
+    fullest row left, then takes, 15 times, the row adding the fewest slots (ties: the fullest).
+    A random 3072x768 matrix at 90% sparsity: 1.73 -> 1.56 slots per 16 entries (95%: 2.08 ->
+    1.83); blocks of 1024 rows would give 1.44 (1.64)."""
+    m = counts.shape[0]
+    order = []
+    for b0 in range(0, m, BLOCK):
+        left = np.arange(b0, min(m, b0 + BLOCK))
+        sub = counts[left]
+        full = sub.sum(1)
+        while left.size:
+            pick = int(np.argmax(full))
+            top = np.zeros_like(sub[0])
+            for _ in range(min(SLICE, left.size)):
+                top = np.maximum(top, sub[pick])
+                order.append(left[pick])
+                keep = np.arange(left.size) != pick
+                left, sub, full = left[keep], sub[keep], full[keep]
+                if left.size:
+                    grown = np.maximum(sub, top).sum(1)  # the slice's slots with each candidate
+                    pick = int(np.argmin(grown * (np.int64(full.max()) + 1) - full))
+    return np.asarray(order, np.int64)
+
+
 def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
     """The sliced layout of a (valid) float32 CSR matrix, built with NumPy."""
     m, k = shape
@@ -171,6 +203,12 @@ def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
     slices = -(-m // SLICE)
     rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
     cols = indices.astype(np.int64)
+    per_window = np.zeros((m, windows), np.int64)
+    np.add.at(per_window, (rows, cols // WINDOW), 1)
+    row_order = _slice_order(per_window)
+    position = np.empty(m, np.int64)
+    position[row_order] = np.arange(m)
+    rows = position[rows]  # from here on, a row is its position in the order
     group_key = (rows // SLICE) * windows + cols // WINDOW  # (slice, window), in that order
     lane = rows % SLICE
     order = np.lexsort((lane, group_key))  # stable: storage order within (group, lane)
@@ -189,7 +227,7 @@ def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
     slice_ptr = np.searchsorted(keys // windows, np.arange(slices + 1))
     return SlicedMatvec(*(jnp.asarray(v) for v in (
         values, columns, (keys % windows).astype(np.int32), group_ptr.astype(np.int32),
-        slice_ptr.astype(np.int32))))
+        slice_ptr.astype(np.int32), row_order.astype(np.int32))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +244,12 @@ def takes_sliced(a: PackedCSR, n: int) -> bool:
     Each vector costs the sliced kernel about as much as the first (x is permuted per vector),
     while the CSR kernel takes ``n = 2`` to ``16`` at about one cost (a masked vector of x per
     entry). Measured on the development machine (both layouts, two threads, interleaved in one
-    process): at 90% sparsity (1.7 slots per entry: ``n <= 4`` taken), 3072x768, 768x3072 and
-    768x768 with ``n = 2`` to ``4``, 1.2-3.3x faster than the CSR kernel, at ``n = 8`` 0.7-1.2x;
-    at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x, ``n = 4`` 0.9-1.3x; at 99.5%
-    (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout."""
+    process), before the rows were reordered: at 90% sparsity (1.7 slots per entry: ``n <= 4``
+    taken), 3072x768, 768x3072 and 768x768 with ``n = 2`` to ``4``, 1.2-3.3x faster than the CSR
+    kernel, at ``n = 8`` 0.7-1.2x; at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x,
+    ``n = 4`` 0.9-1.3x; at 99.5% (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout. With
+    the reordered rows (1.56 slots per entry at 90%) ``n = 5`` is taken too: 1.4-2x faster than
+    the CSR kernel on the same three shapes."""
     return n == 1 or (n >= 1 and n * a.matvec.values.shape[0] <= 8 * a.data.shape[0])
 
 
@@ -239,10 +279,10 @@ def _via_csr(*args, shape, layout, backend):
 def _abstract_eval(*args, shape, layout, backend):
     from jaxsparse._spmm import _spmm_abstract_eval
     csr, sliced = _split(args)
-    want = [jnp.float32, jnp.uint8, jnp.int32, jnp.int32, jnp.int32]
-    if len(sliced) != 5 or any(s.dtype != w or s.ndim != 1 for s, w in zip(sliced, want)):
+    want = [jnp.float32, jnp.uint8, jnp.int32, jnp.int32, jnp.int32, jnp.int32]
+    if len(sliced) != 6 or any(s.dtype != w or s.ndim != 1 for s, w in zip(sliced, want)):
         raise TypeError("sell_spmv: the sliced layout must be 1-D (float32 values, uint8 columns, "
-                        "int32 group_window, group_ptr, slice_ptr); got "
+                        "int32 group_window, group_ptr, slice_ptr, rows); got "
                         f"{[(s.dtype, s.shape) for s in sliced]}")
     n = csr[3].shape[1] if layout == "kn" else csr[3].shape[0]
     if n < 1 or csr[0].dtype != jnp.float32:

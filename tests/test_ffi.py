@@ -650,9 +650,11 @@ def test_pack_sliced_routing(rng):
     stored entry stays within 8 (jaxsparse._pack.takes_sliced); the CSR kernel otherwise."""
     from jaxsparse._pack import takes_sliced
     two_vectors = set()
-    for density in (0.1, 0.02, 0.004):
-        mask = rng.random((96, 400)) < density
-        w = rng.standard_normal(mask.shape).astype(np.float32) * mask
+    # Six entries in six windows take a slot of 16 lanes each, in any row order.
+    lone = np.zeros((96, 400), np.float32)
+    lone[[3, 17, 40, 41, 70, 95], [0, 70, 130, 200, 260, 399]] = rng.standard_normal(6)
+    for w in (*(rng.standard_normal((96, 400)).astype(np.float32) * (rng.random((96, 400)) < d)
+                for d in (0.1, 0.02)), lone):
         p = jaxsparse.pack(jaxsparse.CSR.fromdense(w))
         ratio = p.matvec.values.shape[0] / p.nnz
         for n in range(1, 10):
@@ -667,7 +669,25 @@ def test_pack_sliced_routing(rng):
                 assert ("jaxsparse_csr_spmm" in text) != (sliced and SLICED_KERNEL)
                 assert_close(out(jax.jit(fn)(p, xx)), expected, jnp.float32)
         two_vectors.add(takes_sliced(p, 2))
-    assert two_vectors == {True, False}  # 1.7 slots per stored entry at 10%, over 4 at 0.4%
+    assert two_vectors == {True, False}  # ~1.5 slots per stored entry at 10%, 16 for `lone`
+
+
+def test_pack_sliced_row_order(rng):
+    """pack orders the rows so that each slice of 16 needs few slots: the layout's slots are those
+    its row order implies (per slice and window, the most entries a row has there), fewer than
+    the natural order's, and every row is in one lane."""
+    m, k = 400, 300
+    w = rng.standard_normal((m, k)).astype(np.float32) * (rng.random((m, k)) < 0.1)
+    p = jaxsparse.pack(jaxsparse.CSR.fromdense(w))
+    rows = np.asarray(p.matvec.rows)
+    np.testing.assert_array_equal(np.sort(rows), np.arange(m))
+    per_window = np.add.reduceat(w != 0, np.arange(0, k, 63), axis=1)
+
+    def slots(order):
+        padded = np.concatenate([per_window[order], np.zeros((-m % 16, per_window.shape[1]))])
+        return int(padded.reshape(-1, 16, per_window.shape[1]).max(1).sum())
+    assert p.matvec.values.shape[0] == 16 * slots(rows)
+    assert slots(rows) < 0.9 * slots(np.arange(m))  # ~0.83 on such matrices
 
 
 def test_pack_sliced_matvec_transforms(rng):
@@ -736,18 +756,19 @@ def test_pack_without_sliced_layout(rng):
 def _sliced_call(arrays, m, k):
     """The sliced kernel on hand-made layout arrays (what a malformed matrix would reach)."""
     @jax.jit
-    def f(values, columns, window, group_ptr, slice_ptr):
+    def f(*arrays):
         p = jaxsparse.PackedCSR.tree_unflatten(((m, k), False), (
             jnp.zeros(1, jnp.float32), jnp.zeros(1, jnp.uint16), jnp.zeros(m + 1, jnp.int32).at[
-                1:].set(1), jaxsparse.SlicedMatvec(values, columns, window, group_ptr, slice_ptr)))
+                1:].set(1), jaxsparse.SlicedMatvec(*arrays)))
         return jaxsparse.matmul(p, jnp.ones((k,), jnp.float32), backend="ffi")
     return jax.block_until_ready(f(*arrays))
 
 
-def _layout(columns, window, group_ptr, slice_ptr):
+def _layout(columns, window, group_ptr, slice_ptr, rows=tuple(range(20))):
     columns = np.asarray(columns, np.uint8)
     return (np.ones(columns.shape, np.float32), columns, np.asarray(window, np.int32),
-            np.asarray(group_ptr, np.int32), np.asarray(slice_ptr, np.int32))
+            np.asarray(group_ptr, np.int32), np.asarray(slice_ptr, np.int32),
+            np.asarray(rows, np.int32))
 
 
 @pytest.mark.skipif(not SLICED_KERNEL, reason="the sliced kernel is compiled only where the "
@@ -769,14 +790,47 @@ def test_malformed_sliced_layout_in_jit(name):
             np.zeros(48), [0, 1, 1], [0, 1, 2, 4], [0, 1, 3]),
         r"slice_ptr must have ceil\(M / 16\) \+ 1 = 3 entries": _layout(
             np.zeros(48), [0, 1, 1], [0, 1, 2, 3], [0, 3]),
+        r"rows must have M = 20 entries, got 19": _layout(
+            np.zeros(48), [0, 1, 1], [0, 1, 2, 3], [0, 1, 3], range(19)),
     }
+    # A row twice (here in both slices) or out of range.
+    bad = [*bad.items(), *((r"rows\[0:20\] must hold each of the rows 0 to 19 once", _layout(
+        np.zeros(48), [0, 1, 1], [0, 1, 2, 3], [0, 1, 3], rows))
+        for rows in (np.r_[0:3, 17, 4:20], np.r_[-1, 1:20], np.r_[0:19, 20]))]
     with isa(name):
         # x = 1 and values 1: rows 0-15 have one slot (group 0), rows 16-19 two (groups 1, 2);
         # the last lane of group 2 (row 31, past M) is the padding column, which reads 0.
         assert_close(_sliced_call(ok, m, k), np.r_[np.ones(16), 2 * np.ones(4)], jnp.float32)
-        for message, arrays in bad.items():
+        # The same layout with its rows in another order: lane j of slice s gives row
+        # rows[16 s + j].
+        order = np.r_[19:3:-1, 3, 0, 2, 1].astype(np.int32)
+        assert_close(_sliced_call((*ok[:5], order), m, k),
+                     np.r_[2 * np.ones(4), np.ones(16)], jnp.float32)
+        for message, arrays in bad:
             with pytest.raises(Exception, match=message):
                 _sliced_call(arrays, m, k)
+
+
+@pytest.mark.skipif(not SLICED_KERNEL, reason="the sliced kernel is compiled only where the "
+                    "AVX-512 kernels run")
+def test_sliced_rows_stay_in_their_block(rng):
+    """pack reorders rows within blocks of 128 (8 slices), which the kernel's threads split
+    between them: a row moved to another block is an error, on one thread or two."""
+    m, k = 300, 100
+    w = rng.standard_normal((m, k)).astype(np.float32) * (rng.random((m, k)) < 0.2)
+    sliced = jaxsparse.pack(jaxsparse.CSR.fromdense(w)).matvec
+    rows = np.asarray(sliced.rows)
+    for b0 in range(0, m, 128):
+        np.testing.assert_array_equal(np.sort(rows[b0:b0 + 128]), np.arange(b0, min(m, b0 + 128)))
+    assert not np.array_equal(rows, np.arange(m))
+    moved = rows.copy()
+    moved[[5, 290]] = moved[[290, 5]]
+    for threads in (1, 2):
+        with max_threads(threads):
+            assert_close(_sliced_call(sliced, m, k), w.astype(np.float64).sum(1), jnp.float32)
+            with pytest.raises(Exception, match=r"rows\[0:128\] must hold each of the rows 0 to "
+                               r"127 once \(rows are reordered within blocks of 128\)"):
+                _sliced_call((*sliced[:5], moved), m, k)
 
 
 # ----------------------------------------------------------------------------------------------

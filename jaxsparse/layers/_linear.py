@@ -165,9 +165,9 @@ class SparseLinear(nnx.Module):
     inputs, a product with ``W``, does not rebuild ``W.T`` every step.
 
     For inference one or a few input vectors at a time (decoding: ``inputs`` holding one row of
-    ``in_features``, or up to 4 at 90% sparsity), ``matvec=True`` (CSR, float32) also stores the
+    ``in_features``, or up to 5 at 90% sparsity), ``matvec=True`` (CSR, float32) also stores the
     sliced copy of the weight that the native kernel for so few vectors reads (see
-    :func:`jaxsparse.pack`; ~8.6 more bytes per stored weight at 90% sparsity): 3072x768 at 90%,
+    :func:`jaxsparse.pack`; ~7.8 more bytes per stored weight at 90% sparsity): 3072x768 at 90%,
     ~0.05 ms for one vector and ~0.1 ms for four, against ~0.1 and ~0.2 ms for the CSR kernel on
     the development machine (the copy is read on CPUs with AVX-512 only).
     The layer is then for inference: its values are a :class:`FrozenWeight`, not an
@@ -229,8 +229,8 @@ class SparseLinear(nnx.Module):
         self.matvec = sliced is not None
         self.data = (FrozenWeight if self.matvec else nnx.Param)(_weight.values)
         if self.matvec:
-            (self.mv_values, self.mv_columns, self.mv_group_window, self.mv_group_ptr,
-             self.mv_slice_ptr) = map(FrozenWeight, sliced)
+            for name, array in zip(SlicedMatvec._fields, sliced):
+                setattr(self, f"mv_{name}", FrozenWeight(array))
         pattern = _weight.pattern_arrays
         if self.format == "nm":
             self.positions = SparsityPattern(pattern[0])
@@ -287,9 +287,8 @@ class SparseLinear(nnx.Module):
             if self.transpose_plan:
                 plan = TransposePlan(self.t_perm[...], self.t_indices[...], self.t_indptr[...])
             if self.matvec:
-                sliced = SlicedMatvec(self.mv_values[...], self.mv_columns[...],
-                                      self.mv_group_window[...], self.mv_group_ptr[...],
-                                      self.mv_slice_ptr[...])
+                sliced = SlicedMatvec(*(getattr(self, f"mv_{name}")[...]
+                                        for name in SlicedMatvec._fields))
             return PackedCSR.tree_unflatten((shape, False), (data, self.indices[...],
                                                              self.indptr[...], sliced, plan))
         cls = CSR if self.format == "csr" else BSR
