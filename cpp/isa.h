@@ -137,6 +137,12 @@ struct IsaKernels {
   // each group's window, whatever the columns hold; returns the OR of all the columns it read,
   // so the caller can tell (>= 64) that one was out of range.
   uint8_t (*sell_rows)(const SellProblem& p, int64_t s0, int64_t s1);
+  // The checks sell_rows needs first: the first group of [g0, g1) whose window is past x (K
+  // columns), or, in a last window narrower than kSellWindow, holds a column past K that is not
+  // the padding column (-1 if none); and whether the lanes of block b (slices [kSellBlock b,
+  // kSellBlock (b + 1))) hold each of its rows once (so sell_rows writes them all, and only them).
+  int64_t (*sell_first_bad_group)(const SellProblem& p, int64_t g0, int64_t g1, int64_t k);
+  bool (*sell_block_rows_valid)(const SellProblem& p, int64_t b);
   // dst[j, i] = src[i, j] for i < rows, j < cols (element type dt). With `stream`, whole 64-byte
   // aligned float32 row segments of dst are written with non-temporal stores (ordered by an
   // sfence before returning).

@@ -10,10 +10,10 @@
 namespace jaxsparse {
 
 const IsaKernels& KernelsAvx2() {
-  static const IsaKernels k{"avx2", isa_avx2::SpmmRows, isa_avx2::SpmvRows,
-                            isa_avx2::SddmmRows, isa_avx2::SellRows, isa_avx2::Transpose,
-                            isa_avx2::Epilogue, isa_avx2::RowSoftmax,
-                            isa_avx2::AttendTile};
+  static const IsaKernels k{"avx2", isa_avx2::SpmmRows, isa_avx2::SpmvRows, isa_avx2::SddmmRows,
+                            isa_avx2::SellRows, isa_avx2::SellFirstBadGroup,
+                            isa_avx2::SellBlockRowsValid, isa_avx2::Transpose, isa_avx2::Epilogue,
+                            isa_avx2::RowSoftmax, isa_avx2::AttendTile};
   return k;
 }
 

@@ -11,8 +11,9 @@ namespace jaxsparse {
 
 const IsaKernels& KernelsAvx512() {
   static const IsaKernels k{"avx512", isa_avx512::SpmmRows, isa_avx512::SpmvRows,
-                            isa_avx512::SddmmRows, isa_avx512::SellRows, isa_avx512::Transpose,
-                            isa_avx512::Epilogue, isa_avx512::RowSoftmax,
+                            isa_avx512::SddmmRows, isa_avx512::SellRows,
+                            isa_avx512::SellFirstBadGroup, isa_avx512::SellBlockRowsValid,
+                            isa_avx512::Transpose, isa_avx512::Epilogue, isa_avx512::RowSoftmax,
                             isa_avx512::AttendTile};
   return k;
 }

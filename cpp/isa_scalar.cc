@@ -7,8 +7,9 @@ namespace jaxsparse {
 
 const IsaKernels& KernelsScalar() {
   static const IsaKernels k{"scalar", isa_scalar::SpmmRows, isa_scalar::SpmvRows,
-                            isa_scalar::SddmmRows, isa_scalar::SellRows, isa_scalar::Transpose,
-                            isa_scalar::Epilogue, isa_scalar::RowSoftmax,
+                            isa_scalar::SddmmRows, isa_scalar::SellRows,
+                            isa_scalar::SellFirstBadGroup, isa_scalar::SellBlockRowsValid,
+                            isa_scalar::Transpose, isa_scalar::Epilogue, isa_scalar::RowSoftmax,
                             isa_scalar::AttendTile};
   return k;
 }

@@ -16,54 +16,13 @@ namespace {
 
 constexpr const char* kWhat = "sell_spmv";
 
-// Whether every column of group g's slots is below `width` (<= 64) or the padding column. No
-// early exit, so the compiler vectorizes the scan: byte by byte with a branch per column it cost
-// a third of the kernel's time on a 3072x768 matrix, whose last window (12 columns wide) every
-// slice has entries in.
-bool ColumnsFit(const SellProblem& p, int64_t g, int64_t width) {
-  const uint8_t w = static_cast<uint8_t>(width);
-  const uint8_t* col = p.columns;
-  unsigned bad = 0;
-  for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
-       q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
-    bad |= static_cast<unsigned>(col[q] >= w) & static_cast<unsigned>(col[q] != kSellPad);
-  }
-  return bad == 0;
-}
-
-// The first group of [g0, g1) with a window past x, or in the last window (when it is narrower
-// than 63 columns) with a column past K that is not the padding column; -1 if none. Run before the
-// kernel reads x through the windows; the kernel itself reports columns of 64 or more (which it
-// never follows past the window) through the OR it returns, and FirstWideColumn finds the group.
-int64_t FirstBadGroup(const SellProblem& p, int64_t g0, int64_t g1, int64_t k) {
-  const int64_t windows = (k + kSellWindow - 1) / kSellWindow;
-  const int64_t last_width = k - (windows - 1) * kSellWindow;
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t w = p.group_window[g];
-    if (w < 0 || w >= windows) return g;
-    if (w == windows - 1 && last_width < kSellWindow && !ColumnsFit(p, g, last_width)) return g;
-  }
-  return -1;
-}
-
-// Whether the lanes of block b (slices [kSellBlock b, kSellBlock (b + 1))) hold each of its rows
-// [r0, r1) once: none out of the range, none twice, so that the kernel writes every row of y
-// (and only rows of this block, which no other part writes).
-bool BlockRowsValid(const SellProblem& p, int64_t b) {
-  constexpr int64_t kRows = kSellBlock * kSellLanes;
-  const int64_t r0 = b * kRows, r1 = std::min(p.m, r0 + kRows);
-  uint64_t seen[kRows / 64] = {};
-  for (int64_t q = r0; q < r1; ++q) {
-    const int64_t i = static_cast<int64_t>(p.rows[q]) - r0;
-    if (i < 0 || i >= r1 - r0 || (seen[i / 64] >> (i % 64) & 1)) return false;
-    seen[i / 64] |= uint64_t{1} << (i % 64);
-  }
-  return true;
-}
-
+// The first group of [g0, g1) holding a column of 64 or more (sell_rows reported one), or -1.
 int64_t FirstWideColumn(const SellProblem& p, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
-    if (!ColumnsFit(p, g, kSellStride)) return g;
+    for (int64_t q = static_cast<int64_t>(p.group_ptr[g]) * kSellLanes;
+         q < static_cast<int64_t>(p.group_ptr[g + 1]) * kSellLanes; ++q) {
+      if (p.columns[q] >= kSellStride) return g;
+    }
   }
   return -1;
 }
@@ -146,13 +105,13 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   FirstBad first_bad, first_bad_block;
   ParallelFor(pool, n_parts, [&](int64_t q) {
     for (int64_t b = parts[q] / kSellBlock; b * kSellBlock < parts[q + 1]; ++b) {
-      if (!BlockRowsValid(p, b)) {
+      if (!kern.sell_block_rows_valid(p, b)) {
         first_bad_block.Report(b);
         return;
       }
     }
     const int64_t g0 = p.slice_ptr[parts[q]], g1 = p.slice_ptr[parts[q + 1]];
-    int64_t bad = FirstBadGroup(p, g0, g1, k);
+    int64_t bad = kern.sell_first_bad_group(p, g0, g1, k);
     uint8_t seen = 0;
     // The vectors in passes of up to kSellMaxN, each over the part's slices (in cache by then).
     for (int64_t j0 = 0; bad < 0 && j0 < n; j0 += kSellMaxN) {

@@ -813,6 +813,34 @@ def test_malformed_sliced_layout_in_jit(name):
 
 @pytest.mark.skipif(not SLICED_KERNEL, reason="the sliced kernel is compiled only where the "
                     "AVX-512 kernels run")
+@pytest.mark.parametrize("name", ISAS)
+def test_malformed_sliced_layout_many_groups(rng, name):
+    """The checks past their first 16 groups (where the AVX-512 ones take 16 at a time): a window
+    past K, a column past K in the narrow last window (37 columns), a column of 64 or more."""
+    m, k = 300, 100
+    w = rng.standard_normal((m, k)).astype(np.float32) * (rng.random((m, k)) < 0.2)
+    sliced = jaxsparse.pack(jaxsparse.CSR.fromdense(w)).matvec
+    windows, group_ptr = np.asarray(sliced.group_window), np.asarray(sliced.group_ptr)
+    last = np.flatnonzero(windows == 1)
+    g_last, g_any = int(last[last >= 20][0]), 21
+    bad_window = windows.copy()
+    bad_window[g_any] = 2
+    cases = [(rf"group {g_any} \(window 2\) reaches past K=100", 2, bad_window)]
+    for column, g in ((40, g_last), (64, g_any), (200, g_last)):
+        columns = np.array(sliced.columns)
+        columns[16 * group_ptr[g] + 3] = column
+        cases.append((rf"group {g} \(window {windows[g]}\) reaches past K=100", 1, columns))
+    with isa(name):
+        assert_close(_sliced_call(sliced, m, k), w.astype(np.float64).sum(1), jnp.float32)
+        for message, field, array in cases:
+            arrays = list(sliced)
+            arrays[field] = array
+            with pytest.raises(Exception, match=message):
+                _sliced_call(arrays, m, k)
+
+
+@pytest.mark.skipif(not SLICED_KERNEL, reason="the sliced kernel is compiled only where the "
+                    "AVX-512 kernels run")
 def test_sliced_rows_stay_in_their_block(rng):
     """pack reorders rows within blocks of 128 (8 slices), which the kernel's threads split
     between them: a row moved to another block is an error, on one thread or two."""
