@@ -102,7 +102,7 @@ def pack(a: SparseMatrix, *, matvec: bool = True, transpose: bool = False) -> Sp
       float32 matrix with concrete arrays and ``matvec=True``, the sliced layout that the native
       CPU products with one vector (``A @ x`` with ``x`` ``[K]`` or ``[K, 1]``, or ``x @ A.T``)
       use, and those with a few (``x`` ``[K, N]`` or ``[N, K]`` while ``N`` times the slots per
-      stored entry is at most 8: ``N <= 4`` at 90% sparsity, ``N <= 2`` at 98%), on CPUs with
+      stored entry is at most 8: ``N <= 5`` at 90% sparsity, ``N <= 3`` at 98%), on CPUs with
       AVX-512 (elsewhere the CSR kernel, faster there, computes them:
       ``jaxsparse.ffi.SLICED_KERNEL``).
       The sliced copy takes ~1.56x (90% sparsity) to ~2.3x (98%) the nonzeros in 5-byte lanes
@@ -248,8 +248,8 @@ def takes_sliced(a: PackedCSR, n: int) -> bool:
     taken), 3072x768, 768x3072 and 768x768 with ``n = 2`` to ``4``, 1.2-3.3x faster than the CSR
     kernel, at ``n = 8`` 0.7-1.2x; at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x,
     ``n = 4`` 0.9-1.3x; at 99.5% (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout. With
-    the reordered rows (1.56 slots per entry at 90%) ``n = 5`` is taken too: 1.4-2x faster than
-    the CSR kernel on the same three shapes."""
+    the reordered rows (1.56 slots per entry at 90%) ``n = 5`` is taken too: 1.4-2.0x faster than
+    the CSR kernel on the same three shapes, two timings each (one of 768x768 0.93x)."""
     return n == 1 or (n >= 1 and n * a.matvec.values.shape[0] <= 8 * a.data.shape[0])
 
 
