@@ -62,10 +62,11 @@ struct SddmmProblem {
 // entries, `slots` vectors of kSellLanes (value, column-in-window) pairs, lane j belonging to row
 // rows[16 s + j]: pack orders the rows so that each slice's rows need few slots, within blocks of
 // kSellBlock slices (block b's lanes hold rows [16 kSellBlock b, 16 kSellBlock (b + 1)), so a
-// thread computing whole blocks writes rows of y no other thread writes). A slot needs no gather: its 16 columns index the window of x held in four registers:
-// 63 columns of x and a zero, which padding lanes (value 0, column kSellPad) read, so that a NaN
-// or Inf in x never meets a padded 0 (only stored entries multiply, as in the other kernels).
-// The columns of a slot are read once for every vector of the pass.
+// thread computing whole blocks writes rows of y no other thread writes). A slot needs no gather:
+// its 16 columns index the window of x held in four registers: 63 columns of x and a zero, which
+// padding lanes (value 0, column kSellPad) read, so that a NaN or Inf in x never meets a padded 0
+// (only stored entries multiply, as in the other kernels). The columns of a slot are read once
+// for every vector of the pass.
 constexpr int64_t kSellLanes = 16;
 constexpr int64_t kSellWindow = 63;   // columns of A per window
 constexpr int64_t kSellStride = 64;   // floats per window of the padded x

@@ -10,12 +10,13 @@ SparseDNN specializes its kernels to a fixed pattern. :func:`pack` makes a :clas
   ``(value, column - 63 * window)`` pairs, lane ``j`` for row ``rows[16 * slice + j]``, where
   ``c`` is the most entries any of the 16 rows has in the window (the others padded with value 0
   and column 63); the rows are ordered, within blocks of 128, so that each slice's rows need few
-  slots (:func:`_slice_order`). The kernel then needs no gather: the 16 columns of a vector index the window of ``x`` held
-  in four registers (AVX-512 ``vpermt2ps``): its 63 values and a zero, which the padding reads, so
-  a NaN or Inf in ``x`` never meets a padded 0. The 16 sums are the 16 lanes of one accumulator,
-  with no horizontal sums. On a random 3072x768 matrix at 90% sparsity this holds ~1.56 slots
-  per 16 nonzeros (1.73 in the rows' own order; ~7.8 bytes per nonzero with the 1-byte columns)
-  and runs ~2.6x faster than the gathering CSR kernel. With several vectors the kernel reads each slot's columns once for up to four of them.
+  slots (:func:`_slice_order`). The kernel then needs no gather: the 16 columns of a vector index
+  the window of ``x`` held in four registers (AVX-512 ``vpermt2ps``): its 63 values and a zero,
+  which the padding reads, so a NaN or Inf in ``x`` never meets a padded 0. The 16 sums are the 16
+  lanes of one accumulator, with no horizontal sums. On a random 3072x768 matrix at 90% sparsity
+  this holds ~1.56 slots per 16 nonzeros (1.73 in the rows' own order; ~7.8 bytes per nonzero
+  with the 1-byte columns) and runs ~2.6x faster than the gathering CSR kernel. With several
+  vectors the kernel reads each slot's columns once for up to four of them.
 
 A :class:`PackedCSR` is still a :class:`CSR` (a pytree; the CSR arrays are its first children), so
 ``jaxsparse.matmul``, ``jit``, ``vmap``, ``grad``, ``.T`` and every backend take it unchanged;
