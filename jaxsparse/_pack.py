@@ -204,8 +204,8 @@ def _sliced(data, indices, indptr, shape) -> SlicedMatvec:
     slices = -(-m // SLICE)
     rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(indptr))
     cols = indices.astype(np.int64)
-    per_window = np.zeros((m, windows), np.int64)
-    np.add.at(per_window, (rows, cols // WINDOW), 1)
+    per_window = np.bincount(rows * windows + cols // WINDOW,
+                             minlength=m * windows).reshape(m, windows)
     row_order = _slice_order(per_window)
     position = np.empty(m, np.int64)
     position[row_order] = np.arange(m)
