@@ -250,7 +250,7 @@ def takes_sliced(a: PackedCSR, n: int) -> bool:
     kernel, at ``n = 8`` 0.7-1.2x; at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x,
     ``n = 4`` 0.9-1.3x; at 99.5% (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout. With
     the reordered rows (1.56 slots per entry at 90%) ``n = 5`` is taken too: 1.4-2.0x faster than
-    the CSR kernel on the same three shapes, two timings each (one of 768x768 0.93x)."""
+    the CSR kernel on the same three shapes, two ad-hoc timings each (one of 768x768 0.93x)."""
     return n == 1 or (n >= 1 and n * a.matvec.values.shape[0] <= 8 * a.data.shape[0])
 
 
