@@ -250,7 +250,12 @@ def takes_sliced(a: PackedCSR, n: int) -> bool:
     kernel, at ``n = 8`` 0.7-1.2x; at 98% (2.8 slots per entry: ``n <= 2``), ``n = 2`` 1.3-1.7x,
     ``n = 4`` 0.9-1.3x; at 99.5% (4.9: ``n = 1`` only), ``n = 2`` 0.8x in the ``kn`` layout. With
     the reordered rows (1.56 slots per entry at 90%) ``n = 5`` is taken too: 1.4-2.0x faster than
-    the CSR kernel on the same three shapes, two ad-hoc timings each (one of 768x768 0.93x)."""
+    the CSR kernel on the same three shapes, two ad-hoc timings each (one of 768x768 0.93x).
+    Since the CSR kernel's last 1 to 8 columns take 256-bit vectors in four chains (~1.7x faster
+    at ``n = 2`` to ``8``), one interleaved run of the same shapes and layouts at 90% gave the
+    sliced copy 1.2-4.4x at ``n = 2`` and ``3``, 0.78-2.5x at ``n = 4``, 0.90-1.39x at ``n = 5``;
+    at 95% (``n <= 4`` taken) 1.02-1.26x at ``n = 4`` and 0.96-1.03x at 5; at 98% (``n <= 3``)
+    1.01-1.61x at 3 and 0.88-1.10x at 4: the threshold stays about at the break-even."""
     return n == 1 or (n >= 1 and n * a.matvec.values.shape[0] <= 8 * a.data.shape[0])
 
 

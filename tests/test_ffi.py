@@ -115,8 +115,9 @@ def test_native_targets_in_hlo(rng, fmt):
 def test_isa_paths_agree(rng, fmt, dtype):
     """Each instruction-set build gives the reference result, for strip widths, tails and N = 1."""
     a, _ = _skewed(rng, (40, 72), fmt, dtype)
-    # N = 1 SpMV; a tail only; strips of 4, 2 and 1 vectors and a tail; strips of 8 vectors
-    for n in (1, 5, 117, 128):
+    # N = 1 SpMV; a tail only (AVX-512: 256-bit up to 8 columns, masked 512-bit past 8); strips
+    # of 4, 2 and 1 vectors and a tail; strips of 8 vectors
+    for n in (1, 5, 13, 117, 128):
         for fn, x, expected in _products(a, n, rng, dtype):
             outs = []
             for name in ISAS:

@@ -3,8 +3,8 @@
 Cases (float32 unless stated): unstructured SpMM on 768x768, 3072x768 and 768x3072 weights for
 N in {1, 32, 128, 512} and sparsity in {0.5 .. 0.98}, in both layouts (``W @ X`` and the linear
 layout ``x @ W.T``); BSR 4x4 and 16x16 and 2:4 at the 3072x768 shape; bfloat16; the weight
-transposed (``W.T @ X``, ``x @ W``); a few vectors (N = 2 and 4, the packed weight's sliced copy
-against its CSR product); SDDMM; and every DLMC transformer matrix at N=128.
+transposed (``W.T @ X``, ``x @ W``); a few vectors (N = 2, 4, 8 and 16, the packed weight against
+its CSR product); SDDMM; and every DLMC transformer matrix at N=128.
 
 The ``jaxsparse`` CSR operands are prepared once with :func:`jaxsparse.pack` (16-bit column
 indices, and the sliced layout of the float32 matrix-vector product), as a fixed inference weight
@@ -166,12 +166,12 @@ def structured_cases(rng, reps, progress):
 
 
 def few_vector_cases(rng, reps, progress):
-    """N = 2 and 4 at 90% (decoding a few sequences at a time): the packed weight, whose sliced
-    copy takes products of so few vectors, and (``jaxsparse-csr``) packed without it, so the CSR
-    kernel computes them."""
+    """N = 2, 4, 8 and 16 at 90% (decoding a few sequences at a time): the packed weight, whose
+    sliced copy takes products of up to 5 vectors at 90%, and (``jaxsparse-csr``) packed without
+    it, so the CSR kernel computes them (both are the CSR kernel at N = 8 and 16)."""
     cases = []
     for (m, k) in ((3072, 768), (768, 3072)):
-        for n in (2, 4):
+        for n in (2, 4, 8, 16):
             for layout in ("kn", "nk"):
                 w = _pruned(rng, (m, k), 0.9)
                 x = _dense_x(rng, k, n, layout)
@@ -392,7 +392,7 @@ def run(args) -> list[Case]:
     if quick:
         files = files[:8]
     reps = args.reps or (5 if quick else 15)
-    total = len(shapes) * len(ns) * 2 * len(sparsities) + 6 + 8 + 2 + 2 + len(files)
+    total = len(shapes) * len(ns) * 2 * len(sparsities) + 6 + 16 + 2 + 2 + len(files)
     with tqdm(total=total, desc="cpu benchmark", unit="case") as bar:
         step = bar.update
         cases = unstructured_cases(rng, shapes, ns, sparsities, reps, step)
