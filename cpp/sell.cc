@@ -78,17 +78,17 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   const int64_t x_stride = windows * kSellStride;
   Scratch xpad = AlignedScratch(n * x_stride * sizeof(float));
   float* xp = reinterpret_cast<float*>(xpad.get());
-  std::fill(xp, xp + n * x_stride, 0.0f);
   const float* xs = x.typed_data();
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t w = 0; w < windows; ++w) {
       float* dst = xp + j * x_stride + w * kSellStride;
       const int64_t width = std::min(kSellWindow, k - w * kSellWindow);
-      if (nk) {
-        std::memcpy(dst, xs + j * k + w * kSellWindow, width * sizeof(float));
+      if (nk || n == 1) {  // vector j's columns are contiguous
+        std::memcpy(dst, xs + (nk ? j * k : 0) + w * kSellWindow, width * sizeof(float));
       } else {
         for (int64_t c = 0; c < width; ++c) dst[c] = xs[(w * kSellWindow + c) * n + j];
       }
+      std::fill(dst + width, dst + kSellStride, 0.0f);
     }
   }
 

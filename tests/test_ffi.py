@@ -337,6 +337,24 @@ def test_malformed_csr_several_column_chunks(layout, n):
     np.testing.assert_array_equal(out, np.full(out.shape, 2.0))
 
 
+@pytest.mark.parametrize("at", [(1,), (77,), (100,), (77, 95)])
+def test_malformed_long_indptr_names_the_first_decrease(at):
+    """indptr is checked in a vectorized pass, then searched for the culprit: a decrease anywhere
+    in a long indptr (vector body or tail) is found and named, the first of several."""
+    rows, cols = 100, 8
+    indptr = np.arange(rows + 1) * 2
+    for i in at:
+        indptr[i] -= 3
+    indices = np.zeros(2 * rows)
+    if at[-1] == rows:
+        indices = indices[:-3]  # indptr[-1] must still equal nnz
+    i = at[0]
+    message = (rf"csr_spmm: indptr must be non-decreasing, but indptr\[{i}\]={indptr[i]} < "
+               rf"indptr\[{i - 1}\]={indptr[i - 1]}")
+    with pytest.raises(Exception, match=message):
+        _run_csr(np.ones(len(indices)), indices, indptr, (rows, cols), "kn")
+
+
 def test_malformed_bsr_nm_sddmm_in_jit():
     @jax.jit
     def bsr(data, indices, indptr):
