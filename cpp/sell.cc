@@ -83,8 +83,8 @@ ffi::Error SellSpmv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
     for (int64_t w = 0; w < windows; ++w) {
       float* dst = xp + j * x_stride + w * kSellStride;
       const int64_t width = std::min(kSellWindow, k - w * kSellWindow);
-      if (nk || n == 1) {  // vector j's columns are contiguous
-        std::memcpy(dst, xs + (nk ? j * k : 0) + w * kSellWindow, width * sizeof(float));
+      if (nk || n == 1) {  // vector j's columns are contiguous, from xs + j * k (j = 0 in kn)
+        std::memcpy(dst, xs + j * k + w * kSellWindow, width * sizeof(float));
       } else {
         for (int64_t c = 0; c < width; ++c) dst[c] = xs[(w * kSellWindow + c) * n + j];
       }
